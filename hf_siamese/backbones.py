@@ -1,0 +1,56 @@
+"""timm backbones: build one from the config and read its pooled and per-stage features.
+
+We ask timm for what it knows (``feature_info``, ``forward_intermediates``, ``forward_head``) rather than
+hard-coding widths per architecture.
+"""
+
+import timm
+import torch
+from torch import nn
+
+# feature_info entries that are a stem rather than a stage (ResNet lists its stem ReLU first).
+_STEM_MODULES = ("act1", "stem", "conv1", "bn1")
+
+
+def create_backbone(config) -> nn.Module:
+    """A randomly initialised timm model without classifier, at ``config.image_size`` where the model takes a size."""
+    kwargs = {"num_classes": 0, "in_chans": config.num_channels, **(config.backbone_kwargs or {})}
+    kwargs.setdefault("img_size", config.image_size)
+    try:
+        return timm.create_model(config.backbone, pretrained=False, **kwargs)
+    except TypeError as error:
+        # Convolutional nets take any input size and reject `img_size`; only ViT-like models need it.
+        if "img_size" not in str(error) or "img_size" in (config.backbone_kwargs or {}):
+            raise
+        kwargs.pop("img_size")
+        return timm.create_model(config.backbone, pretrained=False, **kwargs)
+
+
+def stage_indices(backbone: nn.Module) -> list[int]:
+    """``forward_intermediates`` indices of the backbone's stages: ResNet stages 1-4, every ViT block."""
+    return [
+        index
+        for index, info in enumerate(backbone.feature_info)
+        if not info["module"].startswith(_STEM_MODULES)
+    ]
+
+
+def is_token_model(backbone: nn.Module) -> bool:
+    """Whether the backbone works on token sequences (ViT-like) rather than feature maps."""
+    return hasattr(backbone, "num_prefix_tokens")
+
+
+def forward_stages(
+    backbone: nn.Module, pixel_values: torch.Tensor, indices: list[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Final features and the features after each stage in ``indices``.
+
+    ResNet stages come as ``[B, C, H, W]`` maps; ViT blocks as ``[B, prefix + L, D]`` token sequences, class token
+    first, like transformers' ViT hidden states.
+    """
+    if not is_token_model(backbone):
+        return backbone.forward_intermediates(pixel_values, indices=indices, output_fmt="NCHW")
+    final, stages = backbone.forward_intermediates(
+        pixel_values, indices=indices, output_fmt="NLC", return_prefix_tokens=True
+    )
+    return final, [torch.cat([prefix, tokens], dim=1) for tokens, prefix in stages]

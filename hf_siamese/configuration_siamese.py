@@ -1,0 +1,201 @@
+"""Configuration of Siamese self-supervised encoders (MoCo, MoCo v3, BYOL, SimSiam over timm backbones).
+
+The config is the only place hyperparameters live. Fields a framework defines are left ``None`` by the caller
+and filled from :data:`FRAMEWORK_DEFAULTS` (the papers' official ResNet-50 recipes); an explicit value always wins.
+This file imports only torch-free libraries and same-directory modules so that it can be copied next to a
+checkpoint and loaded with ``trust_remote_code=True``.
+"""
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+FRAMEWORKS = ("moco", "mocov3", "byol", "simsiam")
+
+# Widths are the papers' ResNet-50 ones; the projector's input width is always the backbone's feature width.
+FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Asym-Siam's baseline "Our MoCo" (Wang et al. 2022, Sec. 3): MoCo v2 (Chen et al. 2020) with a BN projector.
+    "moco": {
+        "projector_num_layers": 3,
+        "projector_hidden_dim": 2048,
+        "projector_dim": 128,
+        "predictor_num_layers": 0,
+        "predictor_hidden_dim": None,
+        "queue_size": 65536,
+        "temperature": 0.2,
+        "momentum": 0.999,
+        "momentum_final": 0.999,
+        "symmetric_loss": False,
+    },
+    # MoCo v3 (Chen, Xie, He 2021), ResNet-50 recipe: tau 1.0, m 0.99 -> 1 on a half-cosine.
+    "mocov3": {
+        "projector_num_layers": 2,
+        "projector_hidden_dim": 4096,
+        "projector_dim": 256,
+        "predictor_num_layers": 2,
+        "predictor_hidden_dim": 4096,
+        "queue_size": 0,
+        "temperature": 1.0,
+        "momentum": 0.99,
+        "momentum_final": 1.0,
+        "symmetric_loss": True,
+    },
+    # BYOL (Grill et al. 2020, Sec. 3.3): heads 4096 -> 256, tau_base 0.996 -> 1.
+    "byol": {
+        "projector_num_layers": 2,
+        "projector_hidden_dim": 4096,
+        "projector_dim": 256,
+        "predictor_num_layers": 2,
+        "predictor_hidden_dim": 4096,
+        "queue_size": 0,
+        "temperature": None,
+        "momentum": 0.996,
+        "momentum_final": 1.0,
+        "symmetric_loss": True,
+    },
+    # SimSiam (Chen & He 2021, Sec. 4): 3-layer 2048 projector, 2048-512-2048 predictor, no momentum encoder.
+    "simsiam": {
+        "projector_num_layers": 3,
+        "projector_hidden_dim": 2048,
+        "projector_dim": 2048,
+        "predictor_num_layers": 2,
+        "predictor_hidden_dim": 512,
+        "queue_size": 0,
+        "temperature": None,
+        "momentum": None,
+        "momentum_final": None,
+        "symmetric_loss": True,
+    },
+}
+
+# Which framework fields only make sense for some frameworks: setting them elsewhere is an inconsistency.
+_ONLY_FOR = {
+    "queue_size": ("moco",),
+    "temperature": ("moco", "mocov3"),
+    "momentum": ("moco", "mocov3", "byol"),
+    "momentum_final": ("moco", "mocov3", "byol"),
+}
+
+
+@strict(accept_kwargs=True)
+class SiameseConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`SiameseModel`] / [`SiameseForPreTraining`] / [`SiameseForImageClassification`].
+
+    Args:
+        backbone (`str`, defaults to `"resnet50"`):
+            timm model name (`resnet18`, `resnet50`, `vit_small_patch16_224`, ...), built with random weights.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`).
+        image_size (`int`, defaults to 224):
+            Training resolution; passed to timm as `img_size` where the model takes it (ViT).
+        num_channels (`int`, defaults to 3):
+            Input channels (1 for grayscale data).
+        framework (`str`, defaults to `"moco"`):
+            One of `moco`, `mocov3`, `byol`, `simsiam`. Fills every framework field left `None`.
+        projector_num_layers, projector_hidden_dim, projector_dim (`int`, *optional*):
+            Projector depth, hidden and output width.
+        predictor_num_layers, predictor_hidden_dim (`int`, *optional*):
+            Predictor depth (0 = no predictor) and hidden width; its output width equals `projector_dim`.
+        queue_size (`int`, *optional*):
+            MoCo's FIFO queue of negative keys (a multiple of the global batch size); 0 elsewhere.
+        temperature (`float`, *optional*):
+            InfoNCE temperature (moco, mocov3).
+        momentum, momentum_final (`float`, *optional*):
+            EMA momentum of the target at the start and the end of training (half-cosine in between).
+        symmetric_loss (`bool`, *optional*):
+            Each of two global views is the source for the other's target (mocov3, byol, simsiam).
+        freeze_encoder (`bool`, defaults to `False`):
+            [`SiameseForImageClassification`] only: freeze the encoder and keep it in eval mode (linear probe).
+    """
+
+    model_type = "siamese"
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] | None = None
+    image_size: int = 224
+    num_channels: int = 3
+    framework: str = "moco"
+    projector_num_layers: int | None = None
+    projector_hidden_dim: int | None = None
+    projector_dim: int | None = None
+    predictor_num_layers: int | None = None
+    predictor_hidden_dim: int | None = None
+    queue_size: int | None = None
+    temperature: float | None = None
+    momentum: float | None = None
+    momentum_final: float | None = None
+    symmetric_loss: bool | None = None
+    freeze_encoder: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"`framework` must be one of {FRAMEWORKS}, got {self.framework!r}.")
+        for name, allowed in _ONLY_FOR.items():
+            if getattr(self, name) not in (None, 0) and self.framework not in allowed:
+                raise ValueError(
+                    f"`{name}` does not apply to framework {self.framework!r} (only to {', '.join(allowed)}); "
+                    f"leave it unset."
+                )
+        for name, value in FRAMEWORK_DEFAULTS[self.framework].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.predictor_num_layers and self.predictor_hidden_dim is None:
+            self.predictor_hidden_dim = self.projector_hidden_dim
+        if kwargs.get("auto_map") is None:
+            # `save_pretrained` only records the class being saved; name all three so that any Auto class
+            # loads a checkpoint with trust_remote_code where hf_siamese is not installed.
+            kwargs["auto_map"] = {
+                "AutoConfig": "configuration_siamese.SiameseConfig",
+                "AutoModel": "modeling_siamese.SiameseModel",
+                "AutoModelForPreTraining": "modeling_siamese.SiameseForPreTraining",
+                "AutoModelForImageClassification": "modeling_siamese.SiameseForImageClassification",
+            }
+        self._check_values()
+        super().__post_init__(**kwargs)
+
+    def _check_values(self):
+        _require_backbone(self.backbone)
+        for name in ("image_size", "num_channels", "projector_num_layers", "projector_hidden_dim", "projector_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.predictor_num_layers < 0:
+            raise ValueError(f"`predictor_num_layers` must be >= 0, got {self.predictor_num_layers}.")
+        if self.predictor_num_layers and self.predictor_hidden_dim <= 0:
+            raise ValueError(f"`predictor_hidden_dim` must be positive, got {self.predictor_hidden_dim}.")
+        if self.queue_size < 0:
+            raise ValueError(f"`queue_size` must be >= 0, got {self.queue_size}.")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if self.momentum is not None:
+            if not 0.0 <= self.momentum <= 1.0:
+                raise ValueError(f"`momentum` must be in [0, 1], got {self.momentum}.")
+            if not self.momentum <= self.momentum_final <= 1.0:
+                raise ValueError(
+                    f"`momentum_final` must be in [momentum, 1] = [{self.momentum}, 1], got {self.momentum_final}."
+                )
+        if self.framework == "moco" and self.queue_size == 0:
+            raise ValueError("`queue_size` must be positive for framework 'moco' (its negatives come from the queue).")
+
+    @property
+    def uses_momentum_target(self) -> bool:
+        """Whether the target branch is a separate EMA copy (all frameworks but SimSiam)."""
+        return self.momentum is not None
+
+    @property
+    def num_target_groups(self) -> int:
+        """How many global views act as targets: 2 for a symmetric loss, else 1."""
+        return 2 if self.symmetric_loss else 1
+
+
+def _require_backbone(name: str) -> None:
+    import timm  # deferred: importing timm costs about a second, and configs are read in many places
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(
+            f"`backbone` must be a timm model name (e.g. 'resnet50', 'vit_small_patch16_224'), got {name!r}."
+        )
+
+
+__all__ = ["FRAMEWORKS", "FRAMEWORK_DEFAULTS", "SiameseConfig"]

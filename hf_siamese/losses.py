@@ -1,0 +1,107 @@
+"""Siamese losses: InfoNCE against a queue (MoCo) or the batch (MoCo v3), and negative cosine (BYOL, SimSiam).
+
+Every loss takes ``(prediction, target)``: ``prediction`` from the source branch (with gradient), ``target`` from
+the target branch, L2-normalised and without gradient. ``direction_reduction`` says how a framework combines the
+two directions of a symmetric loss: BYOL and MoCo v3 sum them, SimSiam averages them.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import gather_without_grad, rank
+
+
+class QueueInfoNCELoss(nn.Module):
+    """MoCo's InfoNCE (He et al. 2020, Eq. 1): the positive key against a queue of negative keys.
+
+    ``CE([q.k, q.queue] / tau, label 0)`` with ``q``, ``k`` and the queue L2-normalised.
+
+    Example:
+        >>> loss = QueueInfoNCELoss(temperature=0.2)
+        >>> q, k = torch.randn(4, 128), F.normalize(torch.randn(4, 128), dim=1)
+        >>> queue = F.normalize(torch.randn(65536, 128), dim=1)
+        >>> loss(q, k, queue).shape
+        torch.Size([])
+    """
+
+    direction_reduction = "sum"
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        query = F.normalize(prediction, dim=1)
+        positive = (query * target).sum(dim=1, keepdim=True)
+        negatives = query @ queue.detach().T
+        logits = torch.cat([positive, negatives], dim=1) / self.temperature
+        labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
+        return F.cross_entropy(logits, labels)
+
+
+class BatchInfoNCELoss(nn.Module):
+    """MoCo v3's InfoNCE (Chen et al. 2021, Alg. 1): each query against the keys of the whole global batch.
+
+    Keys are gathered across processes; the positive of query ``i`` on rank ``r`` is key ``r * B + i``. The loss
+    is multiplied by ``2 * tau`` as in the paper, which makes its gradient scale independent of ``tau``.
+
+    Example:
+        >>> loss = BatchInfoNCELoss(temperature=1.0)
+        >>> loss(torch.randn(4, 256), F.normalize(torch.randn(4, 256), dim=1)).shape
+        torch.Size([])
+    """
+
+    direction_reduction = "sum"
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        query = F.normalize(prediction, dim=1)
+        keys = gather_without_grad(target)
+        logits = query @ keys.T / self.temperature
+        labels = torch.arange(len(query), device=query.device) + rank() * len(query)
+        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+
+class NormalizedMSELoss(nn.Module):
+    """BYOL's loss (Grill et al. 2020, Eq. 2): ``2 - 2 cos(p, z')``, averaged over the batch.
+
+    Example:
+        >>> NormalizedMSELoss()(torch.randn(4, 256), F.normalize(torch.randn(4, 256), dim=1)).shape
+        torch.Size([])
+    """
+
+    direction_reduction = "sum"
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (2 - 2 * F.cosine_similarity(prediction, target, dim=1)).mean()
+
+
+class NegativeCosineLoss(nn.Module):
+    """SimSiam's loss (Chen & He 2021, Eq. 1): ``-cos(p, stopgrad(z))``, averaged over the batch.
+
+    The two directions are averaged, giving ``-0.5 (cos(p1, z2') + cos(p2, z1'))`` (Eq. 2).
+
+    Example:
+        >>> NegativeCosineLoss()(torch.randn(4, 2048), F.normalize(torch.randn(4, 2048), dim=1)).shape
+        torch.Size([])
+    """
+
+    direction_reduction = "mean"
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -F.cosine_similarity(prediction, target, dim=1).mean()
+
+
+def build_loss(config) -> nn.Module:
+    """The loss of ``config.framework``."""
+    if config.framework == "moco":
+        return QueueInfoNCELoss(config.temperature)
+    if config.framework == "mocov3":
+        return BatchInfoNCELoss(config.temperature)
+    if config.framework == "byol":
+        return NormalizedMSELoss()
+    return NegativeCosineLoss()

@@ -1,0 +1,398 @@
+"""Siamese self-supervised encoders over timm backbones.
+
+Two branches see different views of the same images (Wang et al., CVPR 2022, Sec. 3): the **source** branch
+(encoder, projector, predictor) receives gradients; the **target** branch produces the targets without gradient.
+For MoCo, MoCo v3 and BYOL the target is an EMA copy of the source (``momentum_update``); for SimSiam it is the
+source itself under stop-gradient.
+
+This file imports only torch, timm, transformers and same-directory modules, so that ``save_pretrained`` can copy
+it next to the weights and ``AutoModel.from_pretrained(path, trust_remote_code=True)`` works without hf_siamese.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models import VisionTransformer
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
+
+from .backbones import create_backbone, forward_stages, stage_indices
+from .configuration_siamese import SiameseConfig
+from .distributed import gather_without_grad
+from .heads import ProjectionHead, build_predictor, build_projector
+from .losses import build_loss
+
+
+@dataclass
+class SiamesePreTrainingOutput(ModelOutput):
+    """
+    Output of [`SiameseForPreTraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Total loss: the global-view terms plus the local-crop (MultiCrop) terms, over all directions.
+        global_loss (`torch.FloatTensor` of shape `()`):
+            The terms between global source views and their targets.
+        local_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The mean over local crops of their terms, summed over directions; `None` without local crops.
+        source_predictions (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
+            The source branch's output for each source view (predictor output where there is a predictor).
+        target_embeddings (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
+            The L2-normalised target of each target group (mean over its views when there are several).
+    """
+
+    loss: torch.FloatTensor | None = None
+    global_loss: torch.FloatTensor | None = None
+    local_loss: torch.FloatTensor | None = None
+    source_predictions: tuple[torch.FloatTensor, ...] | None = None
+    target_embeddings: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SiamesePreTrainedModel(PreTrainedModel):
+    config: SiameseConfig
+    config_class = SiameseConfig
+    base_model_prefix = "siamese"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SiameseModel"]
+    # Pretraining-only weights: absent from the encoder and the classifier, and not an error when loading them.
+    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^predictor\.", r"^target_", r"^queue"]
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips, for code outside its tree, every module without tensors of its own (this model's
+        # root, timm's residual blocks), guarding against remote code that writes weights unguarded. Ours only
+        # writes through the guarded `transformers.initialization` functions, so those modules must run too.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise ``module`` so that a model built on the meta device matches one built normally.
+
+        Children are initialised before their parents, and only tensors not loaded from a checkpoint are touched
+        (the ``transformers.initialization`` functions skip loaded ones). Rules follow timm's ResNet and ViT and
+        PyTorch's defaults for the heads.
+        """
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            if getattr(module, "weight", None) is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif hasattr(module, "zero_init_last"):
+            module.zero_init_last()  # timm residual blocks: the last BN of each branch starts at zero
+        elif isinstance(module, VisionTransformer):
+            _init_vision_transformer(module)
+        elif isinstance(module, SiameseForPreTraining):
+            module._init_target_and_queue()
+        elif isinstance(module, SiameseForImageClassification):
+            # Linear probe head, as in MoCo v3 / SimSiam: N(0, 0.01), zero bias.
+            init.normal_(module.classifier.weight, std=0.01)
+            init.zeros_(module.classifier.bias)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        # timm models have their own switch; transformers' default looks for GradientCheckpointingLayer.
+        for module in self.modules():
+            if isinstance(module, SiameseModel):
+                module.backbone.set_grad_checkpointing(enable)
+
+
+def _init_vision_transformer(vit: VisionTransformer) -> None:
+    """timm's default ViT init for the tensors that are not inside a Linear/Conv/norm layer, plus Linear layers."""
+    for submodule in vit.modules():
+        if isinstance(submodule, nn.Linear):
+            init.trunc_normal_(submodule.weight, std=0.02)
+            if submodule.bias is not None:
+                init.zeros_(submodule.bias)
+    if vit.pos_embed is not None:
+        init.trunc_normal_(vit.pos_embed, std=0.02)
+    for token in (vit.cls_token, vit.reg_token):
+        if token is not None:
+            init.normal_(token, std=1e-6)
+
+
+class SiameseModel(SiamesePreTrainedModel):
+    """The encoder alone: a timm backbone returning pooled and per-stage features.
+
+    This is what `AutoModel.from_pretrained` gives for any hf_siamese checkpoint, pretraining ones included.
+    """
+
+    def __init__(self, config: SiameseConfig):
+        super().__init__(config)
+        self.backbone = create_backbone(config)
+        self.stage_indices = stage_indices(self.backbone)
+        self.post_init()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Returns:
+            [`BaseModelOutputWithPooling`]: `last_hidden_state` is the final feature map `[B, C, H, W]` (ResNet) or
+            the token sequence `[B, tokens, D]` (ViT); `pooler_output` the pooled feature `[B, num_features]`;
+            `hidden_states` one entry per stage (ResNet stages 1-4, every ViT block) when requested.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values = pixel_values.to(self.dtype)
+        if output_hidden_states:
+            last_hidden_state, stages = forward_stages(self.backbone, pixel_values, self.stage_indices)
+            hidden_states = tuple(stages)
+        else:
+            last_hidden_state, hidden_states = self.backbone.forward_features(pixel_values), None
+        pooled = self.backbone.forward_head(last_hidden_state, pre_logits=True)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SiameseForPreTraining(SiamesePreTrainedModel):
+    """Source encoder + projector + predictor, the target branch, and MoCo's queue.
+
+    ``self.siamese`` is the source encoder, so ``AutoModel.from_pretrained`` on a pretraining checkpoint returns
+    it with its trained weights. ``target_encoder``/``target_projector`` are EMA copies (``None`` for SimSiam).
+    """
+
+    main_input_name = "source_pixel_values"
+    _keys_to_ignore_on_load_unexpected = []
+
+    def __init__(self, config: SiameseConfig):
+        super().__init__(config)
+        self.siamese = SiameseModel(config)
+        self.projector = build_projector(config, self.siamese.num_features)
+        self.predictor = build_predictor(config)
+        self.target_encoder = None
+        self.target_projector = None
+        if config.uses_momentum_target:
+            self.target_encoder = SiameseModel(config)
+            self.target_projector = build_projector(config, self.siamese.num_features)
+            self.target_encoder.requires_grad_(False)
+            self.target_projector.requires_grad_(False)
+        if config.queue_size:
+            self.register_buffer("queue", torch.empty(config.queue_size, config.projector_dim))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.criterion = build_loss(config)
+        self.post_init()
+
+    def _target_source_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Each target module with the source module it follows."""
+        if self.target_encoder is None:
+            return []
+        return [(self.target_encoder, self.siamese), (self.target_projector, self.projector)]
+
+    def _init_target_and_queue(self) -> None:
+        # Runs after every child is initialised or loaded: a target that was not in the checkpoint starts as a
+        # copy of the source, as in every EMA framework; loaded target tensors are left alone.
+        for target, source in self._target_source_pairs():
+            # keep_vars: the tensors themselves, which carry the "loaded from the checkpoint" flag.
+            target_tensors = target.state_dict(keep_vars=True).values()
+            for target_tensor, source_tensor in zip(target_tensors, source.state_dict().values()):
+                init.copy_(target_tensor, source_tensor)
+        if self.config.queue_size and not getattr(self.queue, "_is_hf_initialized", False):
+            self.queue.copy_(F.normalize(torch.randn_like(self.queue), dim=1))
+            init.zeros_(self.queue_ptr)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """``target = m * target + (1 - m) * source`` for every target parameter.
+
+        Target buffers (BatchNorm statistics) are the target's own, updated by its forward passes, as in the MoCo
+        and BYOL references. A no-op for SimSiam, whose target is the source itself.
+        """
+        for target, source in self._target_source_pairs():
+            target_params = list(target.parameters())
+            source_params = [param.detach().to(target_params[0].dtype) for param in source.parameters()]
+            torch._foreach_lerp_(target_params, source_params, 1.0 - momentum)
+
+    def momentum_at(self, progress: float) -> float:
+        """EMA momentum after ``progress`` (0 to 1) of training: a half-cosine from `momentum` to `momentum_final`."""
+        start, final = self.config.momentum, self.config.momentum_final
+        return final - (final - start) * (1 + math.cos(math.pi * progress)) / 2
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest keys of the FIFO queue with ``keys`` gathered from every process."""
+        keys = gather_without_grad(keys)
+        queue_size = self.queue.shape[0]
+        if queue_size % len(keys):
+            raise ValueError(
+                f"`queue_size` ({queue_size}) must be a multiple of the number of keys enqueued per step "
+                f"({len(keys)} = global batch size x target groups)."
+            )
+        start = int(self.queue_ptr)
+        self.queue[start : start + len(keys)] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((start + len(keys)) % queue_size)
+
+    def _project_source(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source projection ``z`` and prediction ``p`` (``p = z`` without a predictor)."""
+        projection = self.projector(self.siamese(pixel_values).pooler_output)
+        prediction = self.predictor(projection) if self.predictor is not None else projection
+        return projection, prediction
+
+    @torch.no_grad()
+    def _embed_target(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The L2-normalised target of a group of views: the mean of their un-normalised projections."""
+        encoder, projector = (
+            (self.target_encoder, self.target_projector) if self.target_encoder is not None else (self.siamese, self.projector)
+        )
+        batch_size = len(views[0])
+        projections = projector(encoder(torch.cat(views)).pooler_output)
+        return F.normalize(projections.view(len(views), batch_size, -1).mean(dim=0), dim=1)
+
+    def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
+        if negatives is not None:
+            return self.criterion(prediction, target, negatives)
+        return self.criterion(prediction, target)
+
+    def forward(
+        self,
+        source_pixel_values: list[torch.Tensor],
+        target_pixel_values: list[torch.Tensor],
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SiamesePreTrainingOutput | tuple:
+        r"""
+        Args:
+            source_pixel_values (`list[torch.Tensor]`):
+                Views for the source branch: the global views first (2 with a symmetric loss, else 1), then any
+                local crops. Each `[B, C, H, W]`; each is encoded in its own forward pass.
+            target_pixel_values (`list[torch.Tensor]`):
+                Views for the target branch: one group per global source view (2 groups with a symmetric loss),
+                each of equal size (more than one view per group = MeanEnc). Global source view `d` is paired
+                with target group `1 - d` (symmetric) or group 0; local crops are paired with every group.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_groups = self.config.num_target_groups
+        if len(source_pixel_values) < num_groups:
+            raise ValueError(
+                f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
+                f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
+            )
+        if not target_pixel_values or len(target_pixel_values) % num_groups:
+            raise ValueError(
+                f"`target_pixel_values` must hold {num_groups} group(s) of equal size, got {len(target_pixel_values)} views."
+            )
+        views_per_group = len(target_pixel_values) // num_groups
+        target_groups = [
+            target_pixel_values[group * views_per_group : (group + 1) * views_per_group] for group in range(num_groups)
+        ]
+
+        projections, predictions = zip(*(self._project_source(view) for view in source_pixel_values))
+        targets = []
+        for group in target_groups:
+            reused = self._reused_source_projection(group, source_pixel_values, projections)
+            targets.append(reused if reused is not None else self._embed_target(group))
+        # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
+        negatives = self.queue.clone() if self.config.queue_size else None
+
+        global_terms, local_terms = [], []
+        for direction in range(num_groups):
+            target = targets[num_groups - 1 - direction]
+            global_terms.append(self._pair_loss(predictions[direction], target, negatives))
+            local_predictions = predictions[num_groups:]
+            if local_predictions:
+                local_terms.append(torch.stack([self._pair_loss(p, target, negatives) for p in local_predictions]).mean())
+
+        reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
+        global_loss = reduce(torch.stack(global_terms))
+        local_loss = reduce(torch.stack(local_terms)) if local_terms else None
+        loss = global_loss if local_loss is None else global_loss + local_loss
+
+        if self.config.queue_size and self.training:
+            self._enqueue(torch.cat(targets))
+
+        output = SiamesePreTrainingOutput(
+            loss=loss,
+            global_loss=global_loss,
+            local_loss=local_loss,
+            source_predictions=tuple(predictions),
+            target_embeddings=tuple(targets),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _reused_source_projection(self, group, source_pixel_values, projections) -> torch.Tensor | None:
+        """SimSiam's target for a view the source already encoded: its projection under stop-gradient.
+
+        This is SimSiam's own computation (Chen & He 2021, Alg. 1) and saves a forward pass per view.
+        """
+        if self.target_encoder is not None or len(group) != 1:
+            return None
+        for view, projection in zip(source_pixel_values, projections):
+            if view is group[0]:
+                return F.normalize(projection.detach(), dim=1)
+        return None
+
+
+class SiameseForImageClassification(SiamesePreTrainedModel):
+    """The encoder with a linear classifier on its pooled features (linear probe or fine-tuning)."""
+
+    def __init__(self, config: SiameseConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.siamese = SiameseModel(config)
+        self.classifier = nn.Linear(self.siamese.num_features, config.num_labels)
+        if config.freeze_encoder:
+            self.siamese.requires_grad_(False)
+        self.post_init()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.siamese.eval()  # a frozen encoder must not update its BatchNorm statistics either
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.siamese(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+SiameseConfig.register_for_auto_class()
+SiameseModel.register_for_auto_class("AutoModel")
+SiameseForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+SiameseForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "SiameseForImageClassification",
+    "SiameseForPreTraining",
+    "SiameseModel",
+    "SiamesePreTrainedModel",
+    "SiamesePreTrainingOutput",
+]

@@ -1,0 +1,50 @@
+from torch import nn
+
+from hf_siamese import SiameseConfig
+from hf_siamese.heads import build_predictor, build_projector
+
+
+def layer_signature(head):
+    """Each layer as a short tag: L(in,out,bias) / BN(affine) / R."""
+    tags = []
+    for layer in head:
+        if isinstance(layer, nn.Linear):
+            tags.append(f"L{layer.in_features},{layer.out_features}{'+b' if layer.bias is not None else ''}")
+        elif isinstance(layer, nn.BatchNorm1d):
+            tags.append("BN" if layer.affine else "BN-")
+        elif isinstance(layer, nn.ReLU):
+            tags.append("R")
+    return tags
+
+
+def test_moco_projector_is_asym_siam_bn_mlp_and_has_no_predictor():
+    config = SiameseConfig(framework="moco")
+    assert layer_signature(build_projector(config, 2048)) == [
+        "L2048,2048", "BN", "R", "L2048,2048+b", "R", "L2048,128+b",
+    ]
+    assert build_predictor(config) is None
+
+
+def test_mocov3_heads_have_no_bias_and_a_non_affine_output_bn():
+    config = SiameseConfig(framework="mocov3")
+    assert layer_signature(build_projector(config, 2048)) == ["L2048,4096", "BN", "R", "L4096,256", "BN-"]
+    assert layer_signature(build_predictor(config)) == ["L256,4096", "BN", "R", "L4096,256"]
+
+
+def test_byol_heads():
+    config = SiameseConfig(framework="byol")
+    assert layer_signature(build_projector(config, 2048)) == ["L2048,4096", "BN", "R", "L4096,256+b"]
+    assert layer_signature(build_predictor(config)) == ["L256,4096", "BN", "R", "L4096,256+b"]
+
+
+def test_simsiam_heads():
+    config = SiameseConfig(framework="simsiam")
+    assert layer_signature(build_projector(config, 2048)) == [
+        "L2048,2048", "BN", "R", "L2048,2048", "BN", "R", "L2048,2048", "BN-",
+    ]
+    assert layer_signature(build_predictor(config)) == ["L2048,512", "BN", "R", "L512,2048+b"]
+
+
+def test_projector_input_width_follows_the_backbone():
+    config = SiameseConfig(framework="byol", backbone="resnet18")
+    assert build_projector(config, 512)[0].in_features == 512
