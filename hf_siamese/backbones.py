@@ -13,16 +13,22 @@ _STEM_MODULES = ("act1", "stem", "conv1", "bn1")
 
 
 def create_backbone(config) -> nn.Module:
-    """A randomly initialised timm model without classifier, at ``config.image_size`` where the model takes a size."""
-    kwargs = {"num_classes": 0, "in_chans": config.num_channels, **(config.backbone_kwargs or {})}
-    kwargs.setdefault("img_size", config.image_size)
+    """A randomly initialised timm model without classifier, at ``config.image_size`` where the model takes a size.
+
+    With MultiCrop, ViT-like models also get ``dynamic_img_size`` so that they take the smaller local crops.
+    """
+    user_kwargs = config.backbone_kwargs or {}
+    kwargs = {"num_classes": 0, "in_chans": config.num_channels, **user_kwargs}
+    # Only ViT-like models take these; convolutional nets take any size and reject them.
+    optional = {"img_size": config.image_size}
+    if getattr(config, "multicrop", False):
+        optional["dynamic_img_size"] = True
+    optional = {key: value for key, value in optional.items() if key not in user_kwargs}
     try:
-        return timm.create_model(config.backbone, pretrained=False, **kwargs)
+        return timm.create_model(config.backbone, pretrained=False, **kwargs, **optional)
     except TypeError as error:
-        # Convolutional nets take any input size and reject `img_size`; only ViT-like models need it.
-        if "img_size" not in str(error) or "img_size" in (config.backbone_kwargs or {}):
+        if not any(key in str(error) for key in optional):
             raise
-        kwargs.pop("img_size")
         return timm.create_model(config.backbone, pretrained=False, **kwargs)
 
 

@@ -27,6 +27,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum": 0.999,
         "momentum_final": 0.999,
         "symmetric_loss": False,
+        "augmentation": "mocov2",
     },
     # MoCo v3 (Chen, Xie, He 2021), ResNet-50 recipe: tau 1.0, m 0.99 -> 1 on a half-cosine.
     "mocov3": {
@@ -40,6 +41,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum": 0.99,
         "momentum_final": 1.0,
         "symmetric_loss": True,
+        "augmentation": "byol",
     },
     # BYOL (Grill et al. 2020, Sec. 3.3): heads 4096 -> 256, tau_base 0.996 -> 1.
     "byol": {
@@ -53,6 +55,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum": 0.996,
         "momentum_final": 1.0,
         "symmetric_loss": True,
+        "augmentation": "byol",
     },
     # SimSiam (Chen & He 2021, Sec. 4): 3-layer 2048 projector, 2048-512-2048 predictor, no momentum encoder.
     "simsiam": {
@@ -66,6 +69,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum": None,
         "momentum_final": None,
         "symmetric_loss": True,
+        "augmentation": "mocov2",
     },
 }
 
@@ -106,6 +110,20 @@ class SiameseConfig(PreTrainedConfig):
             EMA momentum of the target at the start and the end of training (half-cosine in between).
         symmetric_loss (`bool`, *optional*):
             Each of two global views is the source for the other's target (mocov3, byol, simsiam).
+        augmentation (`str`, *optional*):
+            View recipe: `mocov2` (MoCo v2 / SimSiam) or `byol` (BYOL / MoCo v3, asymmetric blur and solarize).
+        crop_min_scale (`float`, *optional*):
+            Lower bound of the global crops' RandomResizedCrop scale (recipe default: 0.2 mocov2, 0.08 byol).
+        image_mean, image_std (`list[float]`, *optional*):
+            Normalisation per channel; ImageNet's when unset (their mean for one channel).
+        multicrop (`bool`): MultiCrop: `multicrop_num_local` source-only crops of `multicrop_local_size` px at
+            scale `multicrop_local_scale`; global crops then use `multicrop_global_scale`.
+        scalemix (`bool`): ScaleMix: each global source view, with probability `scalemix_probability`, is two
+            source views mixed with a CutMix box.
+        asym_aug (`bool`): AsymAug: RandAugment on the source; crop + flip only on the target.
+        asym_bn (`bool`): AsymBN: the target projector's BN is synchronised over groups of `asym_bn_group_size`
+            processes (all when unset); the source projector's BN uses ghost batches of `asym_bn_source_batch`.
+        mean_encoding (`bool`): MeanEnc: the target is the mean of `mean_encoding_views` encoded views.
         freeze_encoder (`bool`, defaults to `False`):
             [`SiameseForImageClassification`] only: freeze the encoder and keep it in eval mode (linear probe).
     """
@@ -127,6 +145,24 @@ class SiameseConfig(PreTrainedConfig):
     momentum: float | None = None
     momentum_final: float | None = None
     symmetric_loss: bool | None = None
+    augmentation: str | None = None
+    crop_min_scale: float | None = None
+    image_mean: list[float] | tuple[float, ...] | None = None
+    image_std: list[float] | tuple[float, ...] | None = None
+    # The asymmetric designs of Wang et al. (CVPR 2022); defaults are the paper's values when switched on.
+    multicrop: bool = False
+    multicrop_num_local: int = 6
+    multicrop_local_size: int = 96
+    multicrop_local_scale: list[float] | tuple[float, ...] = (0.05, 0.14)
+    multicrop_global_scale: list[float] | tuple[float, ...] = (0.14, 1.0)
+    scalemix: bool = False
+    scalemix_probability: float = 1.0
+    asym_aug: bool = False
+    asym_bn: bool = False
+    asym_bn_group_size: int | None = None
+    asym_bn_source_batch: int = 32
+    mean_encoding: bool = False
+    mean_encoding_views: int = 2
     freeze_encoder: bool = False
 
     def __post_init__(self, **kwargs):
@@ -177,6 +213,35 @@ class SiameseConfig(PreTrainedConfig):
                 )
         if self.framework == "moco" and self.queue_size == 0:
             raise ValueError("`queue_size` must be positive for framework 'moco' (its negatives come from the queue).")
+        self._check_designs()
+
+    def _check_designs(self):
+        if self.augmentation not in ("mocov2", "byol"):
+            raise ValueError(f"`augmentation` must be 'mocov2' or 'byol', got {self.augmentation!r}.")
+        if self.crop_min_scale is not None and not 0 < self.crop_min_scale <= 1:
+            raise ValueError(f"`crop_min_scale` must be in (0, 1], got {self.crop_min_scale}.")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.num_channels:
+                raise ValueError(f"`{name}` needs one value per channel ({self.num_channels}), got {list(values)}.")
+        for name in ("multicrop_local_scale", "multicrop_global_scale"):
+            low, high = _pair(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"`{name}` must be (low, high) with 0 < low <= high <= 1, got {list(getattr(self, name))}.")
+        for name in ("multicrop_num_local", "multicrop_local_size", "asym_bn_source_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.asym_bn_group_size is not None and self.asym_bn_group_size <= 0:
+            raise ValueError(f"`asym_bn_group_size` must be positive, got {self.asym_bn_group_size}.")
+        if not 0 <= self.scalemix_probability <= 1:
+            raise ValueError(f"`scalemix_probability` must be in [0, 1], got {self.scalemix_probability}.")
+        if self.mean_encoding_views < 1:
+            raise ValueError(f"`mean_encoding_views` must be >= 1, got {self.mean_encoding_views}.")
+        if self.asym_bn and not self.uses_momentum_target:
+            raise ValueError(
+                f"`asym_bn` needs a separate target projector; framework {self.framework!r} has none "
+                "(SimSiam's target is the source itself)."
+            )
 
     @property
     def uses_momentum_target(self) -> bool:
@@ -187,6 +252,13 @@ class SiameseConfig(PreTrainedConfig):
     def num_target_groups(self) -> int:
         """How many global views act as targets: 2 for a symmetric loss, else 1."""
         return 2 if self.symmetric_loss else 1
+
+
+def _pair(config, name: str) -> tuple[float, float]:
+    values = getattr(config, name)
+    if len(values) != 2:
+        raise ValueError(f"`{name}` must hold two numbers (low, high), got {list(values)}.")
+    return float(values[0]), float(values[1])
 
 
 def _require_backbone(name: str) -> None:

@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
 from .backbones import create_backbone, forward_stages, stage_indices
+from .batchnorm import asym_bn_process_group, make_ghost, make_target_sync, replace_batch_norms
 from .configuration_siamese import SiameseConfig
 from .distributed import gather_without_grad
 from .heads import ProjectionHead, build_predictor, build_projector
@@ -195,6 +196,11 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             self.target_projector = build_projector(config, self.siamese.num_features)
             self.target_encoder.requires_grad_(False)
             self.target_projector.requires_grad_(False)
+        if config.asym_bn:
+            # AsymBN: target projector BN over a larger (synchronised) batch than the source's ghost batches.
+            replace_batch_norms(self.projector, make_ghost(config.asym_bn_source_batch))
+            group = asym_bn_process_group(config.asym_bn_group_size)
+            replace_batch_norms(self.target_projector, make_target_sync(group))
         if config.queue_size:
             self.register_buffer("queue", torch.empty(config.queue_size, config.projector_dim))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -256,15 +262,36 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         prediction = self.predictor(projection) if self.predictor is not None else projection
         return projection, prediction
 
+    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> tuple[list, list]:
+        """Encode each global view in its own pass and each run of same-size local crops in one pass.
+
+        One pass per global view keeps each view's BatchNorm statistics separate, as in the references;
+        MultiCrop's local crops share a size and so a pass (Caron et al. 2020).
+        """
+        passes = [[view] for view in views[:num_global]]
+        for view in views[num_global:]:
+            if len(passes) > num_global and passes[-1][-1].shape == view.shape:
+                passes[-1].append(view)
+            else:
+                passes.append([view])
+        projections, predictions = [], []
+        for group in passes:
+            projection, prediction = self._project_source(torch.cat(group) if len(group) > 1 else group[0])
+            projections += projection.chunk(len(group))
+            predictions += prediction.chunk(len(group))
+        return projections, predictions
+
     @torch.no_grad()
-    def _embed_target(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """The L2-normalised target of a group of views: the mean of their un-normalised projections."""
+    def target_mean_projection(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """MeanEnc (Wang et al. 2022, Sec. 4.5): the mean of the target's un-normalised projections of ``views``.
+
+        The views are encoded in one batch. With a single view this is just its target projection.
+        """
         encoder, projector = (
             (self.target_encoder, self.target_projector) if self.target_encoder is not None else (self.siamese, self.projector)
         )
-        batch_size = len(views[0])
         projections = projector(encoder(torch.cat(views)).pooler_output)
-        return F.normalize(projections.view(len(views), batch_size, -1).mean(dim=0), dim=1)
+        return projections.view(len(views), len(views[0]), -1).mean(dim=0)
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if negatives is not None:
@@ -304,11 +331,11 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             target_pixel_values[group * views_per_group : (group + 1) * views_per_group] for group in range(num_groups)
         ]
 
-        projections, predictions = zip(*(self._project_source(view) for view in source_pixel_values))
+        projections, predictions = self._project_source_views(source_pixel_values, num_global=num_groups)
         targets = []
         for group in target_groups:
             reused = self._reused_source_projection(group, source_pixel_values, projections)
-            targets.append(reused if reused is not None else self._embed_target(group))
+            targets.append(reused if reused is not None else F.normalize(self.target_mean_projection(group), dim=1))
         # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
         negatives = self.queue.clone() if self.config.queue_size else None
 

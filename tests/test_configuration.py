@@ -69,3 +69,35 @@ def test_simsiam_round_trip_keeps_momentum_unset(tmp_path):
     SiameseConfig(framework="simsiam").save_pretrained(tmp_path)
     loaded = SiameseConfig.from_pretrained(tmp_path)
     assert loaded.momentum is None and not loaded.uses_momentum_target
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"augmentation": "simclr"}, "augmentation"),
+        ({"crop_min_scale": 1.5}, "crop_min_scale"),
+        ({"image_mean": [0.5, 0.5]}, "image_mean"),
+        ({"multicrop_local_scale": (0.3, 0.1)}, "multicrop_local_scale"),
+        ({"multicrop_global_scale": (0.1, 0.5, 1.0)}, "multicrop_global_scale"),
+        ({"multicrop_num_local": 0}, "multicrop_num_local"),
+        ({"scalemix_probability": 2.0}, "scalemix_probability"),
+        ({"mean_encoding_views": 0}, "mean_encoding_views"),
+        ({"asym_bn_group_size": 0}, "asym_bn_group_size"),
+        ({"asym_bn": True, "framework": "simsiam"}, "asym_bn"),
+    ],
+)
+def test_invalid_design_values_name_the_field(fields, named):
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        SiameseConfig(**fields)
+
+
+def test_design_fields_round_trip_through_json(tmp_path):
+    config = SiameseConfig(
+        framework="byol", multicrop=True, multicrop_local_scale=(0.05, 0.2), scalemix=True, asym_aug=True,
+        asym_bn=True, asym_bn_group_size=8, mean_encoding=True, mean_encoding_views=3, image_mean=[0.1, 0.2, 0.3],
+    )
+    config.save_pretrained(tmp_path)
+    loaded = SiameseConfig.from_pretrained(tmp_path)
+    assert list(loaded.multicrop_local_scale) == [0.05, 0.2]
+    assert (loaded.asym_bn_group_size, loaded.mean_encoding_views, loaded.augmentation) == (8, 3, "byol")
+    assert loaded.multicrop and loaded.scalemix and loaded.asym_aug and loaded.asym_bn and loaded.mean_encoding

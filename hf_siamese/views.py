@@ -1,0 +1,237 @@
+"""Multi-view transforms: one image -> the source and target views that ``SiameseForPreTraining`` takes.
+
+Recipes are torchvision ``transforms.v2`` pipelines on PIL images (timm's RandAugment works on PIL). The designs
+of Wang et al. (CVPR 2022) change which views the two branches see:
+
+* MultiCrop: extra small local crops, source only; global crops use scale (0.14, 1).
+* ScaleMix: each global source view is two source views of the image mixed with a CutMix box (:func:`scale_mix`).
+* AsymAug: the source recipe gains RandAugment; the target sees crop + flip + normalise only.
+* MeanEnc: n target views per direction, averaged by the model.
+
+The view layout is the model's: ``source = [global_1, (global_2), local_1, ...]``,
+``target = [group_1 views..., (group_2 views...)]``. For a symmetric framework without asymmetric augmentation,
+the global views are the *same tensors* in both lists (as in BYOL and SimSiam, where each view passes through both
+branches); :func:`collate_views` keeps that identity so that SimSiam reuses the source projection.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RAND_AUGMENT = "rand-m10-n2-mstd0.5"  # Asym-Siam's AsymAug source policy
+
+
+@dataclass(frozen=True)
+class RecipeView:
+    """One view's photometric settings; crop scale and size are chosen by the layout."""
+
+    color_jitter: tuple[float, float, float, float]
+    blur_probability: float
+    solarize_probability: float
+
+
+# MoCo v2 (Chen et al. 2020, "aug+"): jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5, flip.
+# SimSiam uses the same recipe (Chen & He 2021, Sec. 4). Crop scale (0.2, 1).
+_MOCOV2 = RecipeView(color_jitter=(0.4, 0.4, 0.4, 0.1), blur_probability=0.5, solarize_probability=0.0)
+# BYOL (Grill et al. 2020, Table 6), also MoCo v3: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2,
+# blur p=1.0 / 0.1 and solarize p=0 / 0.2 on view 1 / view 2. Crop scale (0.08, 1).
+_BYOL_1 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=1.0, solarize_probability=0.0)
+_BYOL_2 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=0.1, solarize_probability=0.2)
+
+RECIPES: dict[str, tuple[RecipeView, RecipeView]] = {"mocov2": (_MOCOV2, _MOCOV2), "byol": (_BYOL_1, _BYOL_2)}
+RECIPE_CROP_MIN = {"mocov2": 0.2, "byol": 0.08}
+
+
+def scale_mix(
+    a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """ScaleMix (Wang et al. 2022, Sec. 4.2): paste a CutMix box of ``b`` into ``a``.
+
+    ``lambda ~ U(0, 1)``; the box is ``floor(H sqrt(1 - lambda)) x floor(W sqrt(1 - lambda))`` around a centre
+    drawn uniformly over the image, clipped at the border. Because of the clipping the mean pasted fraction is
+    about 0.32, not 0.5. Works on ``[..., H, W]`` tensors (one box for all leading dims), normalised or not.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"scale_mix needs views of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    height, width = a.shape[-2:]
+    lam, centre_y, centre_x = torch.rand(3, generator=generator).tolist()
+    cut = math.sqrt(1.0 - lam)
+    box_h, box_w = math.floor(height * cut), math.floor(width * cut)
+    cy, cx = int(centre_y * height), int(centre_x * width)
+    top, bottom = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
+    left, right = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
+    mixed = a.clone()
+    mixed[..., top:bottom, left:right] = b[..., top:bottom, left:right]
+    return mixed
+
+
+def _blur_kernel(size: int) -> int:
+    """An odd kernel about a tenth of the image, as BYOL's 23 px at 224."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+class MultiViewTransform:
+    """One image -> ``{"source": [Tensor, ...], "target": [Tensor, ...]}`` in the model's view layout.
+
+    Build it from a config with :meth:`from_config`; the arguments mirror the config fields.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        num_channels: int = 3,
+        recipe: str = "mocov2",
+        crop_min_scale: float | None = None,
+        symmetric: bool = True,
+        image_mean: tuple[float, ...] | None = None,
+        image_std: tuple[float, ...] | None = None,
+        multicrop_num_local: int = 0,
+        multicrop_local_size: int = 96,
+        multicrop_local_scale: tuple[float, float] = (0.05, 0.14),
+        multicrop_global_scale: tuple[float, float] = (0.14, 1.0),
+        scalemix_probability: float = 0.0,
+        asym_aug: bool = False,
+        mean_encoding_views: int = 1,
+    ):
+        if recipe not in RECIPES:
+            raise ValueError(f"`augmentation` must be one of {sorted(RECIPES)}, got {recipe!r}.")
+        self.num_channels = num_channels
+        self.symmetric = symmetric
+        self.num_local = multicrop_num_local
+        self.scalemix_probability = scalemix_probability
+        self.asym_aug = asym_aug
+        self.mean_encoding_views = mean_encoding_views
+        self.mode = "L" if num_channels == 1 else "RGB"
+        mean, std = _channel_stats(num_channels, image_mean, image_std)
+        crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
+        global_scale = tuple(multicrop_global_scale) if multicrop_num_local else (crop_min, 1.0)
+        first, second = RECIPES[recipe]
+        rand_augment = _rand_augment(mean) if asym_aug else None
+
+        def source(view: RecipeView, size: int, scale) -> v2.Compose:
+            return _photometric(view, size, scale, mean, std, num_channels, rand_augment)
+
+        self.global_source = [source(first, image_size, global_scale), source(second, image_size, global_scale)]
+        self.local_source = source(first, multicrop_local_size, tuple(multicrop_local_scale))
+        if asym_aug:
+            # AsymAug's weak target: crop (0.08, 1) + flip + normalise only.
+            weak = _geometric_only(image_size, (0.08, 1.0), mean, std)
+            self.global_target = [weak, weak]
+        else:
+            self.global_target = self.global_source
+
+    @classmethod
+    def from_config(cls, config) -> "MultiViewTransform":
+        return cls(
+            image_size=config.image_size,
+            num_channels=config.num_channels,
+            recipe=config.augmentation,
+            crop_min_scale=config.crop_min_scale,
+            symmetric=config.symmetric_loss,
+            image_mean=config.image_mean,
+            image_std=config.image_std,
+            multicrop_num_local=config.multicrop_num_local if config.multicrop else 0,
+            multicrop_local_size=config.multicrop_local_size,
+            multicrop_local_scale=config.multicrop_local_scale,
+            multicrop_global_scale=config.multicrop_global_scale,
+            scalemix_probability=config.scalemix_probability if config.scalemix else 0.0,
+            asym_aug=config.asym_aug,
+            mean_encoding_views=config.mean_encoding_views if config.mean_encoding else 1,
+        )
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        image = self._as_pil(image)
+        num_directions = 2 if self.symmetric else 1
+        # Which recipe each branch uses per direction: symmetric -> view d in both branches; one direction ->
+        # source takes recipe 1, target recipe 2 (two independent views, as MoCo's query and key).
+        source_recipes = list(range(num_directions))
+        target_recipes = list(range(num_directions)) if self.symmetric else [1]
+        shares_views = self.symmetric and not self.asym_aug and self.mean_encoding_views == 1
+
+        global_views = [self.global_source[r](image) for r in source_recipes]
+        if shares_views:
+            target = list(global_views)
+        else:
+            target = [
+                self.global_target[r](image) for r in target_recipes for _ in range(self.mean_encoding_views)
+            ]
+        source = [self._maybe_scale_mix(view, self.global_source[r], image) for view, r in zip(global_views, source_recipes)]
+        source += [self.local_source(image) for _ in range(self.num_local)]
+        return {"source": source, "target": target}
+
+    def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
+        if self.scalemix_probability and torch.rand(()) < self.scalemix_probability:
+            return scale_mix(view, recipe(image))
+        return view
+
+    def _as_pil(self, image: Image.Image | torch.Tensor) -> Image.Image:
+        if isinstance(image, torch.Tensor):
+            image = v2.functional.to_pil_image(image)
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
+    """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``.
+
+    A target position holding the same tensors as a source position gets the same batch tensor, which is how
+    the model knows the view was already encoded by the source.
+    """
+    source = [torch.stack([s["source"][i] for s in samples]) for i in range(len(samples[0]["source"]))]
+    target = []
+    for i in range(len(samples[0]["target"])):
+        shared = next(
+            (j for j in range(len(source)) if all(s["target"][i] is s["source"][j] for s in samples)), None
+        )
+        target.append(source[shared] if shared is not None else torch.stack([s["target"][i] for s in samples]))
+    return {"source_pixel_values": source, "target_pixel_values": target}
+
+
+def _channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if mean is None or std is None:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if num_channels == 1:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if len(mean) != num_channels or len(std) != num_channels:
+        raise ValueError(
+            f"`image_mean` and `image_std` need {num_channels} values (num_channels), got {len(mean)} and {len(std)}."
+        )
+    return tuple(mean), tuple(std)
+
+
+def _to_normalised_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def _rand_augment(mean) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = tuple(round(255 * m) for m in mean)
+    return rand_augment_transform(RAND_AUGMENT, {"translate_const": 100, "img_mean": fill})
+
+
+def _photometric(view: RecipeView, size, scale, mean, std, num_channels, rand_augment) -> v2.Compose:
+    brightness, contrast, saturation, hue = view.color_jitter
+    if num_channels == 1:
+        saturation, hue = 0.0, 0.0  # no colour to change in a grayscale image
+    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+    if rand_augment is not None:
+        steps.append(rand_augment)
+    steps += [
+        v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=view.blur_probability),
+        v2.RandomSolarize(threshold=128, p=view.solarize_probability),
+    ]
+    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+
+
+def _geometric_only(size, scale, mean, std) -> v2.Compose:
+    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+    return v2.Compose(steps + _to_normalised_tensor(mean, std))

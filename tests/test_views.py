@@ -1,0 +1,115 @@
+import pytest
+import torch
+from conftest import tiny_config
+from images import structured_images
+
+from hf_siamese.views import MultiViewTransform, collate_views, scale_mix
+
+IMAGE = structured_images(1)[0]
+
+
+def layout(config):
+    views = MultiViewTransform.from_config(config)(IMAGE)
+    return [tuple(v.shape) for v in views["source"]], [tuple(v.shape) for v in views["target"]], views
+
+
+G, L = (3, 32, 32), (3, 16, 16)
+DESIGNS = {
+    "baseline": {},
+    "multicrop": {"multicrop": True, "multicrop_local_size": 16, "multicrop_num_local": 3},
+    "scalemix": {"scalemix": True},
+    "asym_aug": {"asym_aug": True},
+    "mean_encoding": {"mean_encoding": True, "mean_encoding_views": 3},
+    "all": {
+        "multicrop": True, "multicrop_local_size": 16, "multicrop_num_local": 3, "scalemix": True,
+        "asym_aug": True, "mean_encoding": True, "mean_encoding_views": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
+def test_view_layout_for_every_design_and_framework(framework, design):
+    fields = DESIGNS[design]
+    config = tiny_config(framework, **fields)
+    source, target, _ = layout(config)
+    directions = 2 if config.symmetric_loss else 1
+    num_local = fields.get("multicrop_num_local", 0)
+    per_group = fields.get("mean_encoding_views", 1)
+    assert source == [G] * directions + [L] * num_local
+    assert target == [G] * (directions * per_group)
+
+
+def test_symmetric_baseline_shares_view_tensors_between_branches():
+    _, _, views = layout(tiny_config("byol"))
+    assert views["target"][0] is views["source"][0] and views["target"][1] is views["source"][1]
+    _, _, moco_views = layout(tiny_config("moco"))
+    assert moco_views["target"][0] is not moco_views["source"][0]
+
+
+def test_scale_mix_with_probability_one_changes_every_source_view():
+    torch.manual_seed(0)
+    _, _, views = layout(tiny_config("byol", scalemix=True))
+    assert all(s is not t for s, t in zip(views["source"], views["target"]))
+
+
+def test_asym_aug_target_is_crop_and_flip_only():
+    transform = MultiViewTransform.from_config(tiny_config("byol", asym_aug=True))
+    steps = [type(step).__name__ for step in transform.global_target[0].transforms]
+    assert steps == ["RandomResizedCrop", "RandomHorizontalFlip", "ToImage", "ToDtype", "Normalize"]
+    assert transform.global_target[0].transforms[0].scale == (0.08, 1.0)
+    source_steps = [type(step).__name__ for step in transform.global_source[0].transforms]
+    assert "RandAugment" in source_steps
+
+
+def test_multicrop_switches_global_scale_and_local_scale():
+    transform = MultiViewTransform.from_config(tiny_config("moco", multicrop=True, multicrop_local_size=16))
+    assert transform.global_source[0].transforms[0].scale == (0.14, 1.0)
+    assert transform.local_source.transforms[0].scale == (0.05, 0.14)
+    assert transform.local_source.transforms[0].size == (16, 16)
+    baseline = MultiViewTransform.from_config(tiny_config("moco"))
+    assert baseline.global_source[0].transforms[0].scale == (0.2, 1.0)
+    assert MultiViewTransform.from_config(tiny_config("byol")).global_source[0].transforms[0].scale == (0.08, 1.0)
+
+
+def test_grayscale_images_and_models():
+    config = tiny_config("simsiam", num_channels=1, multicrop=True, multicrop_local_size=16, multicrop_num_local=2)
+    views = MultiViewTransform.from_config(config)(structured_images(1, mode="L")[0])
+    assert [tuple(v.shape) for v in views["source"]] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+    rgb_input = MultiViewTransform.from_config(config)(IMAGE)  # converted to the configured channels
+    assert rgb_input["source"][0].shape[0] == 1
+
+
+def test_collate_stacks_positions_and_keeps_shared_views_shared():
+    transform = MultiViewTransform.from_config(tiny_config("simsiam"))
+    batch = collate_views([transform(image) for image in structured_images(4)])
+    assert [tuple(v.shape) for v in batch["source_pixel_values"]] == [(4, *G)] * 2
+    assert batch["target_pixel_values"][0] is batch["source_pixel_values"][0]
+    moco = MultiViewTransform.from_config(tiny_config("moco"))
+    moco_batch = collate_views([moco(image) for image in structured_images(4)])
+    assert moco_batch["target_pixel_values"][0] is not moco_batch["source_pixel_values"][0]
+
+
+def test_scale_mix_shape_and_pixels_come_from_a_or_b():
+    a, b = torch.randn(3, 40, 30), torch.randn(3, 40, 30)
+    mixed = scale_mix(a, b, generator=torch.Generator().manual_seed(1))
+    assert mixed.shape == a.shape
+    from_a, from_b = mixed == a, mixed == b
+    assert torch.all(from_a | from_b)
+    assert torch.all(from_a.all(0) | from_b.all(0))  # whole pixels, all channels from one view
+
+
+def test_scale_mix_mean_pasted_fraction_is_about_a_third():
+    a, b = torch.zeros(1, 224, 224), torch.ones(1, 224, 224)
+    generator = torch.Generator().manual_seed(0)
+    fractions = torch.tensor([scale_mix(a, b, generator=generator).mean().item() for _ in range(10_000)])
+    assert fractions.mean().item() == pytest.approx(0.32, abs=0.02)
+
+
+def test_scale_mix_is_deterministic_under_a_seeded_generator():
+    a, b = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
+    first = scale_mix(a, b, generator=torch.Generator().manual_seed(7))
+    second = scale_mix(a, b, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="one shape"):
+        scale_mix(a, b[:, :16])
