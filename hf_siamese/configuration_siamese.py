@@ -28,6 +28,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum_final": 0.999,
         "symmetric_loss": False,
         "augmentation": "mocov2",
+        "shuffle_bn": True,
     },
     # MoCo v3 (Chen, Xie, He 2021), ResNet-50 recipe: tau 1.0, m 0.99 -> 1 on a half-cosine.
     "mocov3": {
@@ -42,6 +43,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum_final": 1.0,
         "symmetric_loss": True,
         "augmentation": "byol",
+        "shuffle_bn": False,
     },
     # BYOL (Grill et al. 2020, Sec. 3.3): heads 4096 -> 256, tau_base 0.996 -> 1.
     "byol": {
@@ -56,6 +58,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum_final": 1.0,
         "symmetric_loss": True,
         "augmentation": "byol",
+        "shuffle_bn": False,
     },
     # SimSiam (Chen & He 2021, Sec. 4): 3-layer 2048 projector, 2048-512-2048 predictor, no momentum encoder.
     "simsiam": {
@@ -70,6 +73,7 @@ FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
         "momentum_final": None,
         "symmetric_loss": True,
         "augmentation": "mocov2",
+        "shuffle_bn": False,
     },
 }
 
@@ -110,6 +114,8 @@ class SiameseConfig(PreTrainedConfig):
             EMA momentum of the target at the start and the end of training (half-cosine in between).
         symmetric_loss (`bool`, *optional*):
             Each of two global views is the source for the other's target (mocov3, byol, simsiam).
+        shuffle_bn (`bool`, *optional*):
+            MoCo's shuffling BN on several processes: the target encodes a random permutation of the global batch.
         augmentation (`str`, *optional*):
             View recipe: `mocov2` (MoCo v2 / SimSiam) or `byol` (BYOL / MoCo v3, asymmetric blur and solarize).
         crop_min_scale (`float`, *optional*):
@@ -145,6 +151,7 @@ class SiameseConfig(PreTrainedConfig):
     momentum: float | None = None
     momentum_final: float | None = None
     symmetric_loss: bool | None = None
+    shuffle_bn: bool | None = None
     augmentation: str | None = None
     crop_min_scale: float | None = None
     image_mean: list[float] | tuple[float, ...] | None = None
@@ -237,6 +244,8 @@ class SiameseConfig(PreTrainedConfig):
             raise ValueError(f"`scalemix_probability` must be in [0, 1], got {self.scalemix_probability}.")
         if self.mean_encoding_views < 1:
             raise ValueError(f"`mean_encoding_views` must be >= 1, got {self.mean_encoding_views}.")
+        if self.shuffle_bn and not self.uses_momentum_target:
+            raise ValueError("`shuffle_bn` shuffles a separate target encoder's batch; SimSiam has none.")
         if self.asym_bn and not self.uses_momentum_target:
             raise ValueError(
                 f"`asym_bn` needs a separate target projector; framework {self.framework!r} has none "

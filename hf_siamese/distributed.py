@@ -24,3 +24,22 @@ def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+def batch_shuffled(function, inputs: torch.Tensor) -> torch.Tensor:
+    """``function`` applied to a random permutation of the global batch, outputs back in ``inputs``' order.
+
+    MoCo's shuffling BN (He et al. 2020, Sec. 3.3): each process encodes keys drawn from every process, so the
+    BatchNorm statistics of a key encoder's sub-batch cannot reveal which key belongs to which query. For the
+    target branch only (no gradient). On one process it is just ``function(inputs)``.
+    """
+    if world_size() == 1:
+        return function(inputs)
+    with torch.no_grad():
+        everything = gather_without_grad(inputs)
+        permutation = torch.randperm(len(everything), device=inputs.device)
+        dist.broadcast(permutation, src=0)
+        own = permutation.view(world_size(), len(inputs))[rank()]
+        outputs = gather_without_grad(function(everything[own]))
+        restored = outputs[torch.argsort(permutation)]
+        return restored.view(world_size(), len(inputs), *restored.shape[1:])[rank()]

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from .backbones import create_backbone, forward_stages, stage_indices
 from .batchnorm import asym_bn_process_group, make_ghost, make_target_sync, replace_batch_norms
 from .configuration_siamese import SiameseConfig
-from .distributed import gather_without_grad
+from .distributed import batch_shuffled, gather_without_grad
 from .heads import ProjectionHead, build_predictor, build_projector
 from .losses import build_loss
 
@@ -290,7 +290,12 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         encoder, projector = (
             (self.target_encoder, self.target_projector) if self.target_encoder is not None else (self.siamese, self.projector)
         )
-        projections = projector(encoder(torch.cat(views)).pooler_output)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return projector(encoder(pixels).pooler_output)
+
+        pixels = torch.cat(views)
+        projections = batch_shuffled(encode, pixels) if self.config.shuffle_bn else encode(pixels)
         return projections.view(len(views), len(views[0]), -1).mean(dim=0)
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:

@@ -71,6 +71,11 @@ def scale_mix(
     return mixed
 
 
+def image_mode(num_channels: int) -> str:
+    """The PIL mode a model with ``num_channels`` input channels is fed."""
+    return "L" if num_channels == 1 else "RGB"
+
+
 def _blur_kernel(size: int) -> int:
     """An odd kernel about a tenth of the image, as BYOL's 23 px at 224."""
     return max(3, int(0.1 * size) // 2 * 2 + 1)
@@ -108,8 +113,8 @@ class MultiViewTransform:
         self.scalemix_probability = scalemix_probability
         self.asym_aug = asym_aug
         self.mean_encoding_views = mean_encoding_views
-        self.mode = "L" if num_channels == 1 else "RGB"
-        mean, std = _channel_stats(num_channels, image_mean, image_std)
+        self.mode = image_mode(num_channels)
+        mean, std = channel_stats(num_channels, image_mean, image_std)
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
         global_scale = tuple(multicrop_global_scale) if multicrop_num_local else (crop_min, 1.0)
         first, second = RECIPES[recipe]
@@ -193,7 +198,7 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
     return {"source_pixel_values": source, "target_pixel_values": target}
 
 
-def _channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if mean is None or std is None:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if num_channels == 1:
@@ -235,3 +240,9 @@ def _photometric(view: RecipeView, size, scale, mean, std, num_channels, rand_au
 def _geometric_only(size, scale, mean, std) -> v2.Compose:
     steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
     return v2.Compose(steps + _to_normalised_tensor(mean, std))
+
+
+def eval_transform(image_size: int, num_channels: int, image_mean=None, image_std=None) -> v2.Compose:
+    """Deterministic evaluation view: resize to the trained resolution and normalise as in training."""
+    mean, std = channel_stats(num_channels, image_mean, image_std)
+    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *_to_normalised_tensor(mean, std)])

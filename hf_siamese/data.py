@@ -1,0 +1,276 @@
+"""Pretraining data: a `datasets` dataset (Hub, local folder, parquet/webdataset files, Fashion-MNIST) ->
+decoded images -> multi-view samples -> batches.
+
+Map-style and streaming datasets take one path: both become an ``IterableDataset`` that is shuffled per epoch,
+split across processes with ``split_dataset_by_node`` and spread over DataLoader workers by ``datasets``. We
+decode images ourselves, so a corrupt one is skipped and counted rather than crashing a run hours in. Each
+sample's augmentation draws from its own seed (seed, epoch, rank, worker, position), so that a resumed run
+replays exactly the same views whatever the model did with the global random state.
+"""
+
+import io
+import multiprocessing
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, get_worker_info
+
+import datasets
+from datasets.distributed import split_dataset_by_node
+
+from .views import collate_views, image_mode
+
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
+FASHION_MNIST = "fashion_mnist"
+
+
+@dataclass
+class DataArguments:
+    """Where the pretraining images come from."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id (e.g. ILSVRC/imagenet-1k), or 'fashion_mnist'."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    train_dir: str | None = field(default=None, metadata={"help": "Local image folder (imagefolder layout)."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "Local parquet or webdataset .tar files (a glob pattern)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of loading it."})
+    image_column: str | None = field(
+        default=None, metadata={"help": f"Image column; found automatically among {IMAGE_COLUMNS}."}
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+
+
+def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
+    """The dataset named by ``args``, before any decoding."""
+    if args.dataset_name == FASHION_MNIST:
+        from .fashion_mnist import load_fashion_mnist
+
+        dataset = load_fashion_mnist(args.split)
+    elif args.dataset_name:
+        dataset = datasets.load_dataset(
+            args.dataset_name, args.dataset_config, split=args.split, streaming=args.streaming
+        )
+    elif args.train_dir:
+        dataset = datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train", streaming=args.streaming)
+    elif args.data_files:
+        builder = "webdataset" if args.data_files.endswith(".tar") else "parquet"
+        dataset = datasets.load_dataset(builder, data_files={"train": args.data_files}, split="train", streaming=args.streaming)
+    else:
+        raise ValueError("No training data: set `dataset_name`, `train_dir` or `data_files`.")
+    if args.max_train_samples is not None:
+        if isinstance(dataset, datasets.IterableDataset):
+            dataset = dataset.take(args.max_train_samples)
+        else:
+            dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+def find_image_column(column_names: list[str], requested: str | None = None) -> str:
+    """The image column: ``requested`` if given, else the first of :data:`IMAGE_COLUMNS` present."""
+    if requested is not None:
+        if requested not in column_names:
+            raise ValueError(f"`image_column` {requested!r} is not in the dataset; its columns are {column_names}.")
+        return requested
+    for name in IMAGE_COLUMNS:
+        if name in column_names:
+            return name
+    raise ValueError(
+        f"No image column found among {column_names}; expected one of {list(IMAGE_COLUMNS)} or set `image_column`."
+    )
+
+
+def decode_image(value, mode: str) -> Image.Image | None:
+    """A PIL image in ``mode`` ('RGB' or 'L') from what a dataset holds, or ``None`` when it cannot be decoded.
+
+    Takes PIL images, ``{"bytes", "path"}`` dicts (``datasets.Image(decode=False)``), raw bytes and arrays.
+    Palette, CMYK, RGBA, 16-bit and 1-bit images are converted; nothing is silently left in another mode.
+    """
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        elif isinstance(value, np.ndarray):
+            image = Image.fromarray(value)
+        elif isinstance(value, Image.Image):
+            image = value
+        else:
+            return None
+        image.load()
+        return _convert(image, mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError):
+        return None
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/int/float images: rescale to 8 bits instead of PIL's clipping.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = array.min(), array.max()
+        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == mode else image.convert(mode)
+
+
+@contextmanager
+def seeded_randomness(*keys: int):
+    """Seed torch's and Python's global generators from ``keys`` inside the block, restoring them after.
+
+    torchvision's transforms draw from torch's generator and timm's RandAugment from Python's ``random``.
+    """
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class ViewStream(torch.utils.data.IterableDataset):
+    """Decodes each example, skips and counts undecodable ones, and turns the rest into views.
+
+    ``skipped`` is shared with the DataLoader's worker processes, so it counts every worker's skips.
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: Callable, mode: str,
+                 seed: int, rank: int):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.transform = transform
+        self.mode = mode
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.skipped = multiprocessing.Value("q", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        for position, example in enumerate(self.dataset):
+            image = decode_image(example[self.image_column], self.mode)
+            if image is None:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                continue
+            with seeded_randomness(self.seed, self.epoch, self.rank, worker_id, position):
+                yield self.transform(image)
+
+
+class PretrainingData:
+    """Endless batches of views for one process, in epochs, resumable at any batch.
+
+    Args:
+        dataset: map-style or iterable dataset with an image column.
+        transform: image -> ``{"source": [...], "target": [...]}`` (see :class:`~hf_siamese.views.MultiViewTransform`).
+        batch_size: per-process batch size; incomplete batches are dropped so that every process steps together.
+    """
+
+    def __init__(self, dataset, transform: Callable, *, batch_size: int, num_channels: int, seed: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, shuffle_buffer_size: int = 10_000,
+                 image_column: str | None = None):
+        self.num_examples = _known_length(dataset)
+        if isinstance(dataset, datasets.Dataset):
+            dataset = dataset.to_iterable_dataset(num_shards=max(world_size * max(num_workers, 1), 1))
+        column = find_image_column(_column_names(dataset), image_column)
+        # Decode ourselves: a corrupt image must be skipped, not raise inside `datasets`.
+        if isinstance(dataset.features, datasets.Features) and isinstance(dataset.features.get(column), datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.stream = ViewStream(dataset, column, transform, image_mode(num_channels), seed, rank)
+        self.loader = DataLoader(
+            self.stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
+            drop_last=True,
+        )
+
+    @property
+    def skipped_images(self) -> int:
+        """Undecodable images met so far by this process (replayed batches of a resumed run count again)."""
+        return self.stream.skipped.value
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Full batches per process per epoch, when the dataset's size is known."""
+        if self.num_examples is None:
+            return None
+        return self.num_examples // self.world_size // self.batch_size
+
+    def batches(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, dict]]:
+        """``(epoch, batch_index, batch)`` forever, starting after ``start_batch`` batches of ``start_epoch``.
+
+        Skipped batches are still produced (decoded and augmented) so that the rest of the epoch is identical
+        to an uninterrupted run; the model never sees them.
+        """
+        epoch = start_epoch
+        while True:
+            self.stream.set_epoch(epoch)
+            produced = 0
+            for index, batch in enumerate(self.loader):
+                produced += 1
+                if epoch == start_epoch and index < start_batch:
+                    continue
+                yield epoch, index, batch
+            if produced == 0:
+                raise ValueError(
+                    f"The dataset gave no full batch of {self.batch_size} images in epoch {epoch} on this process "
+                    "(empty, too small for the batch size, or every image undecodable)."
+                )
+            epoch += 1
+
+
+def _known_length(dataset) -> int | None:
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    splits = dataset.info.splits if dataset.info is not None else None
+    split = getattr(dataset, "split", None)
+    if splits and split is not None and str(split) in splits:
+        return splits[str(split)].num_examples or None
+    return None
+
+
+def _column_names(dataset: datasets.IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset.take(1)), None)
+    if first is None:
+        raise ValueError("The dataset is empty.")
+    return list(first)
+
+
+def probe_images(dataset, count: int, num_channels: int, image_column: str | None = None) -> list[Image.Image]:
+    """The first ``count`` decodable images, e.g. the fixed probe set of the variance monitor."""
+    iterable = dataset.to_iterable_dataset() if isinstance(dataset, datasets.Dataset) else dataset
+    column = find_image_column(_column_names(iterable), image_column)
+    mode = image_mode(num_channels)
+    images = []
+    for example in iterable:
+        image = decode_image(example[column], mode)
+        if image is not None:
+            images.append(image)
+        if len(images) == count:
+            break
+    return images

@@ -1,0 +1,331 @@
+"""The pretraining loop on Accelerate: one CPU, one GPU, many GPUs or DeepSpeed ZeRO-1/2.
+
+Per optimizer step: views -> ``SiameseForPreTraining`` -> loss -> backward -> optimizer and lr schedule -> EMA
+update of the target on the unwrapped model. Checkpoints are written to a temporary directory and renamed, so an
+interrupted save never replaces a good one; ``resume_from_checkpoint`` continues the same run (same data order,
+same augmentations, same schedules).
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from .configuration_siamese import SiameseConfig
+from .data import DataArguments, PretrainingData, load_raw_dataset, probe_images
+from .modeling_siamese import SiameseForPreTraining
+from .optim import build_optimizer, build_scheduler, scaled_learning_rate
+from .variance import VarianceMonitor
+from .views import MultiViewTransform, channel_stats
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class PretrainingArguments:
+    """How to train; names follow transformers' ``TrainingArguments`` where it has one."""
+
+    output_dir: str = field(default="outputs/pretraining", metadata={"help": "Checkpoints, logs and the final model."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this hf_siamese checkpoint instead of random weights."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | lars | adamw."})
+    learning_rate: float = field(default=0.03, metadata={"help": "Learning rate (per 256 images if scaled)."})
+    scale_learning_rate: bool = field(
+        default=True, metadata={"help": "Multiply learning_rate by global batch / 256 (linear scaling rule)."}
+    )
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD/LARS momentum."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay (LARS/AdamW: not on biases/norms)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | constant, after linear warm-up."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (added to warmup_epochs)."})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warm-up in epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs, when max_steps is not set."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping norm."})
+    seed: int = field(default=42, metadata={"help": "Seed of weights, data order and augmentations."})
+    deterministic: bool = field(
+        default=False, metadata={"help": "Deterministic kernels: same seed and data give identical weights."}
+    )
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs (CUDA only)."})
+    report_to: str = field(default="auto", metadata={"help": "Trackers: auto (tensorboard if installed), none, or names."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the last N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    variance_steps: int = field(default=0, metadata={"help": "Log source/target variance every N steps (0: off)."})
+    variance_probe_size: int = field(default=64, metadata={"help": "Probe images for the variance monitor."})
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    global_step: int
+    loss: float
+    skipped_images: int
+    train_seconds: float
+
+
+def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments) -> TrainResult:
+    """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``."""
+    output_dir = Path(args.output_dir)
+    accelerator = _make_accelerator(args, output_dir)
+    set_seed(args.seed, deterministic=args.deterministic)
+    model = _build_model(config, args, accelerator)
+    config = model.config
+
+    raw = load_raw_dataset(data_args)
+    transform = MultiViewTransform.from_config(config)
+    data = PretrainingData(
+        raw, transform, batch_size=args.per_device_train_batch_size, num_channels=config.num_channels,
+        seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=data_args.dataloader_num_workers, shuffle_buffer_size=data_args.shuffle_buffer_size,
+        image_column=data_args.image_column,
+    )
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    _check_queue(config, args.per_device_train_batch_size * accelerator.num_processes)
+    steps_per_epoch = _optimizer_steps_per_epoch(data, args)
+    total_steps = args.max_steps if args.max_steps > 0 else _steps_from_epochs(args, steps_per_epoch)
+    warmup = args.warmup_steps + round(args.warmup_epochs * (steps_per_epoch or 0))
+
+    learning_rate = scaled_learning_rate(args.learning_rate, global_batch, args.scale_learning_rate)
+    optimizer = build_optimizer(model, args.optimizer, learning_rate, args.weight_decay, momentum=args.sgd_momentum)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate reads the micro-batch from a prepared DataLoader; ours is not prepared (it shards itself).
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            args.per_device_train_batch_size
+        )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped once per optimizer step by us: accelerate's wrapper would step it once per process.
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if args.resume_from_checkpoint:
+        step, epoch, batch_in_epoch = _load_checkpoint(accelerator, output_dir, args.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("hf_siamese", config={**asdict(args), **asdict(data_args), "framework": config.framework})
+    monitor = _variance_monitor(args, raw, transform, config)
+
+    logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
+                learning_rate, accelerator.num_processes)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining")
+    loss_value, started, images_since_log, log_time = float("nan"), time.time(), 0, time.time()
+    metrics_file = output_dir / "metrics.jsonl"
+    batches = data.batches(start_epoch=epoch, start_batch=batch_in_epoch)
+    while step < total_steps:
+        epoch, batch_index, batch = next(batches)
+        batch = {key: [view.to(accelerator.device, non_blocking=True) for view in views] for key, views in batch.items()}
+        with accelerator.accumulate(model):
+            output = model(**batch)
+            accelerator.backward(output.loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        images_since_log += len(batch["source_pixel_values"][0]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        momentum = None
+        if unwrapped.target_encoder is not None:
+            momentum = unwrapped.momentum_at(step / total_steps)
+            unwrapped.momentum_update(momentum)
+        progress.update(1)
+
+        if step % args.logging_steps == 0 or step == total_steps:
+            loss_value = accelerator.reduce(output.loss.detach(), reduction="mean").item()
+            now = time.time()
+            record = {
+                "step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                "momentum": momentum, "images_per_s": images_since_log / max(now - log_time, 1e-9),
+                "skipped_images": _sum_over_processes(accelerator, data.skipped_images),
+            }
+            if output.local_loss is not None:
+                record["global_loss"] = output.global_loss.item()
+                record["local_loss"] = output.local_loss.item()
+            if monitor is not None and step % args.variance_steps == 0:
+                record.update(monitor.measure(unwrapped).as_dict())
+            images_since_log, log_time = 0, now
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+            accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as stream:
+                    stream.write(json.dumps(record) + "\n")
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < total_steps:
+            save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1, args.checkpoints_total_limit)
+    progress.close()
+
+    total_skipped = _sum_over_processes(accelerator, data.skipped_images)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        image_processor_for(config).save_pretrained(output_dir)
+    accelerator.end_training()  # also ends the process group: no collective after this
+    if total_skipped:
+        logger.warning("Skipped %d undecodable images.", total_skipped)
+    return TrainResult(str(output_dir), step, loss_value, total_skipped, time.time() - started)
+
+
+def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+
+
+def _make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerator:
+    handlers = []
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if deepspeed and not torch.cuda.is_available():
+        # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(
+        # Without a GPU, `cpu=True` turns a multi-process launch into MULTI_CPU over gloo (else every process
+        # believes it is alone and the main one).
+        cpu=not torch.cuda.is_available() and not deepspeed,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=_trackers(args.report_to),
+        project_dir=str(output_dir),
+        kwargs_handlers=handlers,
+    )
+
+
+def _trackers(report_to: str):
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+        return ["tensorboard"]
+    return [name.strip() for name in report_to.split(",")]
+
+
+def _build_model(config: SiameseConfig, args: PretrainingArguments, accelerator: Accelerator) -> SiameseForPreTraining:
+    if args.model_name_or_path:
+        model = SiameseForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+    else:
+        model = SiameseForPreTraining(config)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3 and model.target_encoder is not None:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 partitions the target encoder's parameters, so the EMA update cannot read them; "
+                "use ZeRO-1/2 (parameters replicated) or framework 'simsiam'."
+            )
+    if args.sync_bn and accelerator.num_processes > 1:
+        if not torch.cuda.is_available():
+            raise ValueError("`sync_bn` needs CUDA: torch's SyncBatchNorm does not run on CPU.")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _check_queue(config: SiameseConfig, batch_per_forward: int) -> None:
+    """MoCo enqueues every process's keys at each forward; the queue must hold a whole number of them."""
+    keys = batch_per_forward * config.num_target_groups
+    if config.queue_size and config.queue_size % keys:
+        raise ValueError(
+            f"`queue_size` ({config.queue_size}) must be a multiple of the keys enqueued per forward ({keys} = "
+            f"per-device batch x processes x {config.num_target_groups} target group(s))."
+        )
+
+
+def _optimizer_steps_per_epoch(data: PretrainingData, args: PretrainingArguments) -> int | None:
+    if data.steps_per_epoch is None:
+        return None
+    return max(data.steps_per_epoch // args.gradient_accumulation_steps, 1)
+
+
+def _steps_from_epochs(args: PretrainingArguments, steps_per_epoch: int | None) -> int:
+    if steps_per_epoch is None:
+        raise ValueError("The dataset's size is unknown (streaming): set `max_steps` instead of `num_train_epochs`.")
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+
+
+def _variance_monitor(args: PretrainingArguments, raw, transform: MultiViewTransform, config: SiameseConfig):
+    if not args.variance_steps:
+        return None
+    images = probe_images(raw, args.variance_probe_size, config.num_channels)
+    return VarianceMonitor.from_view_transform(images, transform)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch: int, batches_done: int,
+                    total_limit: int | None) -> Path:
+    """``output_dir/checkpoint-{step}``, complete or absent: written under a temporary name, then renamed."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    data_state = {"epoch": epoch, "batches_done": batches_done}
+    (temporary / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / TRAINER_STATE).write_text(json.dumps({"global_step": step}))  # written last: marks complete
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        if total_limit:
+            for old in completed_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def completed_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+    found = [
+        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if path.is_dir() and (path / TRAINER_STATE).exists() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str) -> tuple[int, int, int]:
+    if which == "latest":
+        checkpoints = completed_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("No checkpoint in %s: starting from scratch.", output_dir)
+            return 0, 0, 0
+        path = checkpoints[-1]
+    else:
+        path = Path(which)
+        if not (path / TRAINER_STATE).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
+    accelerator.load_state(str(path))
+    step = json.loads((path / TRAINER_STATE).read_text())["global_step"]
+    data_state_file = path / f"data_state_{accelerator.process_index}.json"
+    if not data_state_file.exists():
+        raise ValueError(f"{path} was saved with a different number of processes (no {data_state_file.name}).")
+    data_state = json.loads(data_state_file.read_text())
+    logger.info("Resumed from %s at step %d", path, step)
+    return step, data_state["epoch"], data_state["batches_done"]
+
+
+def image_processor_for(config: SiameseConfig):
+    """The processor a downstream user needs: resize to the trained resolution and normalise as in training."""
+    from transformers import ViTImageProcessor
+
+    mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
+    return ViTImageProcessor(
+        do_resize=True, size={"height": config.image_size, "width": config.image_size},
+        image_mean=list(mean), image_std=list(std),
+    )

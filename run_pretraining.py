@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""Pretrain a Siamese encoder: `accelerate launch run_pretraining.py --config configs/<recipe>.yaml [--field value]`.
+
+A thin command line over `hf_siamese.training.train`; `--help` lists every field.
+"""
+
+import logging
+
+from hf_siamese.cli import parse_pretraining_args
+from hf_siamese.training import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    config, data_args, train_args = parse_pretraining_args(argv)
+    result = train(config, data_args, train_args)
+    print(f"Saved the pretrained model to {result.output_dir} after {result.global_step} steps "
+          f"(last loss {result.loss:.4f}, {result.skipped_images} undecodable images skipped).")
+
+
+if __name__ == "__main__":
+    main()

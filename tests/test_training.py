@@ -1,0 +1,169 @@
+"""End-to-end pretraining: the CLI, checkpoints, exact resume, bad images, accelerate launch."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from images import structured_images
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from hf_siamese import SiameseModel
+from hf_siamese.cli import parse_pretraining_args
+from hf_siamese.training import completed_checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = [
+    "--backbone", "resnet18", "--image_size", "32", "--projector_hidden_dim", "64", "--projector_dim", "32",
+    "--predictor_hidden_dim", "64",
+]
+
+
+def write_parquet(directory: Path, images, num_shards: int = 2) -> str:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"image": images, "label": list(range(len(images)))}, features=features)
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(num_shards):
+        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(directory / f"train-{index}.parquet"))
+    return str(directory / "*.parquet")
+
+
+@pytest.fixture(scope="module")
+def parquet_files(tmp_path_factory) -> str:
+    return write_parquet(tmp_path_factory.mktemp("parquet"), structured_images(64))
+
+
+def run(argv):
+    config, data_args, train_args = parse_pretraining_args(argv)
+    return train(config, data_args, train_args)
+
+
+def common_args(data_files, output_dir, *extra):
+    return [
+        "--data_files", data_files, "--output_dir", str(output_dir), "--per_device_train_batch_size", "16",
+        "--report_to", "none", "--logging_steps", "1", *TINY_MODEL, *extra,
+    ]
+
+
+def test_twenty_steps_end_to_end_and_load_with_automodel(parquet_files, tmp_path):
+    result = run(common_args(parquet_files, tmp_path, "--framework", "byol", "--max_steps", "20", "--streaming", "true",
+                             "--per_device_train_batch_size", "8"))
+    assert result.global_step == 20 and np.isfinite(result.loss)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert records[-1]["momentum"] == pytest.approx(1.0) and records[0]["momentum"] < 0.997
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero
+    encoder = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(encoder, SiameseModel)
+    assert encoder(torch.randn(2, 3, 32, 32)).pooler_output.shape == (2, 512)
+    assert (tmp_path / "preprocessor_config.json").exists()
+
+
+def test_recipe_plus_overrides_and_unknown_fields(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("framework: mocov3\nbackbone: resnet18\nlearning_rate: 0.5\nmulticrop: true\n")
+    config, data_args, args = parse_pretraining_args(
+        ["--config", str(recipe), "--learning_rate", "0.1", "--multicrop_local_scale", "[0.1, 0.2]",
+         "--dataset_name", "fashion_mnist"]
+    )
+    assert (config.framework, config.backbone, config.multicrop) == ("mocov3", "resnet18", True)
+    assert list(config.multicrop_local_scale) == [0.1, 0.2]
+    assert args.learning_rate == 0.1 and data_args.dataset_name == "fashion_mnist"
+    recipe.write_text("framework: byol\nlerning_rate: 0.5\n")
+    with pytest.raises(ValueError, match=r"lerning_rate.*recipe.yaml"):
+        parse_pretraining_args(["--config", str(recipe)])
+    with pytest.raises(SystemExit):
+        parse_pretraining_args(["--not_a_field", "1"])
+
+
+def test_help_lists_every_field():
+    result = subprocess.run([sys.executable, str(ROOT / "run_pretraining.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for name in ("--per_device_train_batch_size", "--resume_from_checkpoint", "--framework", "--multicrop",
+                 "--asym_bn_group_size", "--data_files", "--streaming", "--checkpoints_total_limit"):
+        assert name in result.stdout, name
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tmp_path, streaming):
+    # 64 images, batch 16: 4 batches an epoch, so 6 steps cross an epoch and the checkpoint at 3 is mid-epoch.
+    args = ["--framework", "moco", "--queue_size", "64", "--max_steps", "6", "--checkpointing_steps", "3",
+            "--deterministic", "true", "--streaming", streaming, "--scalemix", "true"]
+    straight = tmp_path / "straight"
+    run(common_args(parquet_files, straight, *args))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    run(common_args(parquet_files, resumed, *args, "--resume_from_checkpoint", "latest"))
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_checkpoints_keep_the_last_n_and_ignore_unfinished_saves(parquet_files, tmp_path):
+    (tmp_path / ".tmp-checkpoint-99").mkdir(parents=True)  # an interrupted save from an earlier run
+    (tmp_path / "checkpoint-98").mkdir()  # no trainer_state.json: incomplete
+    run(common_args(parquet_files, tmp_path, "--framework", "simsiam", "--max_steps", "5", "--checkpointing_steps", "1",
+                    "--checkpoints_total_limit", "2"))
+    assert [p.name for p in completed_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_images_are_converted_or_skipped_and_counted(tmp_path):
+    base = structured_images(1)[0]
+    cmyk = io.BytesIO()
+    base.convert("CMYK").save(cmyk, format="JPEG")
+    sixteen_bit = Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16))
+    good = [
+        _png(base), _png(base.convert("RGBA")), _png(base.convert("L")), cmyk.getvalue(), _png(base.convert("P")),
+        _png(base.resize((2, 2))), _png(sixteen_bit), _png(base.convert("1")),
+    ]
+    bad = [b"not an image", _png(base)[:40], b""]
+    rows = bad + good * 2  # 3 undecodable, then exactly one batch of 16 convertible images
+    files = write_parquet(tmp_path / "data", [{"bytes": row, "path": None} for row in rows], num_shards=1)
+    result = run(common_args(files, tmp_path / "out", "--framework", "byol", "--max_steps", "2",
+                             "--shuffle_buffer_size", "1"))
+    assert result.global_step == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records] == [3, 6]  # each epoch meets the 3 bad images once
+    assert result.skipped_images == 6
+
+
+def test_missing_image_column_is_a_clear_error(tmp_path):
+    dataset = datasets.Dataset.from_dict({"pixels": [[0, 1]] * 4, "label": [0, 1, 0, 1]})
+    dataset.to_parquet(str(tmp_path / "train.parquet"))
+    with pytest.raises(ValueError, match=r"No image column found among \['pixels', 'label'\]"):
+        run(common_args(str(tmp_path / "train.parquet"), tmp_path / "out", "--max_steps", "1"))
+
+
+def test_queue_that_the_batch_does_not_divide_is_refused(parquet_files, tmp_path):
+    with pytest.raises(ValueError, match="`queue_size`"):
+        run(common_args(parquet_files, tmp_path, "--framework", "moco", "--queue_size", "100", "--max_steps", "1"))
+
+
+def test_accelerate_launch_subprocess(parquet_files, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
+        str(ROOT / "run_pretraining.py"),
+        *common_args(parquet_files, tmp_path, "--framework", "mocov3", "--max_steps", "3", "--streaming", "true"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Saved the pretrained model" in result.stdout
+    assert isinstance(AutoModel.from_pretrained(tmp_path), SiameseModel)
