@@ -125,9 +125,8 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
 
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining")
-    loss_value, started, images_since_log, log_time = float("nan"), time.time(), 0, time.time()
-    metrics_file = output_dir / "metrics.jsonl"
+    metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step)
+    loss_value = float("nan")
     batches = data.batches(start_epoch=epoch, start_batch=batch_in_epoch)
     while step < total_steps:
         epoch, batch_index, batch = next(batches)
@@ -139,7 +138,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        images_since_log += len(batch["source_pixel_values"][0]) * accelerator.num_processes
+        metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
@@ -148,30 +147,20 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         if unwrapped.target_encoder is not None:
             momentum = unwrapped.momentum_at(step / total_steps)
             unwrapped.momentum_update(momentum)
-        progress.update(1)
+        metrics.advance()
 
         if step % args.logging_steps == 0 or step == total_steps:
             loss_value = accelerator.reduce(output.loss.detach(), reduction="mean").item()
-            now = time.time()
-            record = {
-                "step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                "momentum": momentum, "images_per_s": images_since_log / max(now - log_time, 1e-9),
-                "skipped_images": _sum_over_processes(accelerator, data.skipped_images),
-            }
+            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                      "momentum": momentum, "skipped_images": _sum_over_processes(accelerator, data.skipped_images)}
             if output.local_loss is not None:
-                record["global_loss"] = output.global_loss.item()
-                record["local_loss"] = output.local_loss.item()
-            if monitor is not None and step % args.variance_steps == 0:
-                record.update(monitor.measure(unwrapped).as_dict())
-            images_since_log, log_time = 0, now
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
-            accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-            if accelerator.is_main_process:
-                with metrics_file.open("a") as stream:
-                    stream.write(json.dumps(record) + "\n")
+                record.update(global_loss=output.global_loss.item(), local_loss=output.local_loss.item())
+            metrics.log(record)
+        if monitor is not None and step % args.variance_steps == 0:
+            metrics.log({"step": step, **monitor.measure(unwrapped).as_dict()})
         if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < total_steps:
             save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1, args.checkpoints_total_limit)
-    progress.close()
+    metrics.close()
 
     total_skipped = _sum_over_processes(accelerator, data.skipped_images)
     accelerator.wait_for_everyone()
@@ -181,7 +170,45 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     accelerator.end_training()  # also ends the process group: no collective after this
     if total_skipped:
         logger.warning("Skipped %d undecodable images.", total_skipped)
-    return TrainResult(str(output_dir), step, loss_value, total_skipped, time.time() - started)
+    return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
+
+
+class _MetricsLogger:
+    """Step metrics to the progress bar, the trackers and ``metrics.jsonl`` (one JSON line per record)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, total_steps: int, initial_step: int):
+        self.accelerator = accelerator
+        self.path = path
+        self.progress = tqdm(total=total_steps, initial=initial_step, desc="pretraining",
+                             disable=not accelerator.is_local_main_process)
+        self.started = self.since = time.time()
+        self.images = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def count_images(self, count: int) -> None:
+        self.images += count
+
+    def advance(self) -> None:
+        self.progress.update(1)
+
+    def log(self, record: dict) -> None:
+        """Log ``record`` (with ``step``); records with a loss also get the throughput since the last one."""
+        if "loss" in record:
+            now = time.time()
+            record["images_per_s"] = self.images / max(now - self.since, 1e-9)
+            self.images, self.since = 0, now
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                                      img_s=f"{record['images_per_s']:.0f}")
+        self.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def _sum_over_processes(accelerator: Accelerator, value: int) -> int:

@@ -167,3 +167,13 @@ def test_accelerate_launch_subprocess(parquet_files, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Saved the pretrained model" in result.stdout
     assert isinstance(AutoModel.from_pretrained(tmp_path), SiameseModel)
+
+
+def test_variance_is_logged_on_its_own_cadence(parquet_files, tmp_path):
+    run(common_args(parquet_files, tmp_path, "--framework", "byol", "--max_steps", "4", "--logging_steps", "3",
+                    "--variance_steps", "2", "--variance_probe_size", "8"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    variance = [r for r in records if "variance/ratio" in r]
+    assert [r["step"] for r in variance] == [2, 4]
+    assert all(0 < r["variance/source"] and 0 < r["variance/target"] for r in variance)
+    assert [r["step"] for r in records if "loss" in r] == [3, 4]
