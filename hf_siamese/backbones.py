@@ -60,3 +60,12 @@ def forward_stages(
         pixel_values, indices=indices, output_fmt="NLC", return_prefix_tokens=True
     )
     return final, [torch.cat([prefix, tokens], dim=1) for tokens, prefix in stages]
+
+
+def pool_stage(features: torch.Tensor, backbone: nn.Module, vit_pooling: str = "cls") -> torch.Tensor:
+    """A stage's features pooled to ``[B, C]``: global average of a map, or a ViT's class token / patch mean."""
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if vit_pooling == "cls" and backbone.num_prefix_tokens:
+        return features[:, 0]
+    return features[:, backbone.num_prefix_tokens :].mean(dim=1)

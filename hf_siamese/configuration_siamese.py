@@ -130,6 +130,16 @@ class SiameseConfig(PreTrainedConfig):
         asym_bn (`bool`): AsymBN: the target projector's BN is synchronised over groups of `asym_bn_group_size`
             processes (all when unset); the source projector's BN uses ghost batches of `asym_bn_source_batch`.
         mean_encoding (`bool`): MeanEnc: the target is the mean of `mean_encoding_views` encoded views.
+        ladder_levels (`list[int]`, *optional*):
+            Ladder Siamese Network (Yoshihashi et al. 2022): the backbone levels that carry a Siamese loss, as
+            1-based positions in `hidden_states` (ResNet stages 1-4, ViT blocks 1..depth). Must include the last
+            level, whose heads are the ordinary ones. Unset: the last level only (the plain framework).
+        ladder_weights (`list[float]`, *optional*):
+            One weight per ladder level (default 1.0 each); the loss is the weighted sum of the level losses.
+        ladder_vit_pooling (`str`, defaults to `"cls"`):
+            How an intermediate ViT level is pooled: its class token (`cls`) or the mean of its patch tokens.
+        ladder_dense_weight (`float`, defaults to 0.0):
+            Weight of the dense (local) term at each ladder level; 0 turns it off.
         freeze_encoder (`bool`, defaults to `False`):
             [`SiameseForImageClassification`] only: freeze the encoder and keep it in eval mode (linear probe).
     """
@@ -170,6 +180,12 @@ class SiameseConfig(PreTrainedConfig):
     asym_bn_source_batch: int = 32
     mean_encoding: bool = False
     mean_encoding_views: int = 2
+    # Ladder Siamese Network (Yoshihashi et al. 2022). Its per-level weights and dense loss are not published
+    # in enough detail; these defaults are our choices (README, "Ladder Siamese").
+    ladder_levels: list[int] | tuple[int, ...] | None = None
+    ladder_weights: list[float] | tuple[float, ...] | None = None
+    ladder_vit_pooling: str = "cls"
+    ladder_dense_weight: float = 0.0
     freeze_encoder: bool = False
 
     def __post_init__(self, **kwargs):
@@ -244,6 +260,7 @@ class SiameseConfig(PreTrainedConfig):
             raise ValueError(f"`scalemix_probability` must be in [0, 1], got {self.scalemix_probability}.")
         if self.mean_encoding_views < 1:
             raise ValueError(f"`mean_encoding_views` must be >= 1, got {self.mean_encoding_views}.")
+        self._check_ladder()
         if self.shuffle_bn and not self.uses_momentum_target:
             raise ValueError("`shuffle_bn` shuffles a separate target encoder's batch; SimSiam has none.")
         if self.asym_bn and not self.uses_momentum_target:
@@ -251,6 +268,26 @@ class SiameseConfig(PreTrainedConfig):
                 f"`asym_bn` needs a separate target projector; framework {self.framework!r} has none "
                 "(SimSiam's target is the source itself)."
             )
+
+    def _check_ladder(self):
+        levels = self.ladder_levels
+        if levels is not None:
+            if not levels or any(not isinstance(level, int) or level < 1 for level in levels):
+                raise ValueError(f"`ladder_levels` must be positive level numbers (1 = first stage), got {list(levels)}.")
+            if list(levels) != sorted(set(levels)):
+                raise ValueError(f"`ladder_levels` must be increasing without repeats, got {list(levels)}.")
+        if self.ladder_weights is not None:
+            expected = len(levels) if levels is not None else 1
+            if len(self.ladder_weights) != expected:
+                raise ValueError(
+                    f"`ladder_weights` needs one weight per ladder level ({expected}), got {list(self.ladder_weights)}."
+                )
+            if any(weight < 0 for weight in self.ladder_weights):
+                raise ValueError(f"`ladder_weights` must be >= 0, got {list(self.ladder_weights)}.")
+        if self.ladder_vit_pooling not in ("cls", "mean"):
+            raise ValueError(f"`ladder_vit_pooling` must be 'cls' or 'mean', got {self.ladder_vit_pooling!r}.")
+        if self.ladder_dense_weight < 0:
+            raise ValueError(f"`ladder_dense_weight` must be >= 0, got {self.ladder_dense_weight}.")
 
     @property
     def uses_momentum_target(self) -> bool:

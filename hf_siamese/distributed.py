@@ -29,6 +29,8 @@ def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
 def batch_shuffled(function, inputs: torch.Tensor) -> torch.Tensor:
     """``function`` applied to a random permutation of the global batch, outputs back in ``inputs``' order.
 
+    ``function`` returns a tensor or a dict of tensors (one per ladder level).
+
     MoCo's shuffling BN (He et al. 2020, Sec. 3.3): each process encodes keys drawn from every process, so the
     BatchNorm statistics of a key encoder's sub-batch cannot reveal which key belongs to which query. For the
     target branch only (no gradient). On one process it is just ``function(inputs)``.
@@ -40,6 +42,13 @@ def batch_shuffled(function, inputs: torch.Tensor) -> torch.Tensor:
         permutation = torch.randperm(len(everything), device=inputs.device)
         dist.broadcast(permutation, src=0)
         own = permutation.view(world_size(), len(inputs))[rank()]
-        outputs = gather_without_grad(function(everything[own]))
-        restored = outputs[torch.argsort(permutation)]
-        return restored.view(world_size(), len(inputs), *restored.shape[1:])[rank()]
+        inverse = torch.argsort(permutation)
+
+        def restore(output: torch.Tensor) -> torch.Tensor:
+            restored = gather_without_grad(output)[inverse]
+            return restored.view(world_size(), len(inputs), *restored.shape[1:])[rank()]
+
+        outputs = function(everything[own])
+        if isinstance(outputs, dict):  # one tensor per ladder level
+            return {key: restore(value) for key, value in outputs.items()}
+        return restore(outputs)

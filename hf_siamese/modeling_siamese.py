@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
-from .backbones import create_backbone, forward_stages, stage_indices
+from .backbones import create_backbone, forward_stages, pool_stage, stage_indices
 from .batchnorm import asym_bn_process_group, make_ghost, make_target_sync, replace_batch_norms
 from .configuration_siamese import SiameseConfig
 from .distributed import batch_shuffled, gather_without_grad
@@ -40,6 +40,9 @@ class SiamesePreTrainingOutput(ModelOutput):
             The terms between global source views and their targets.
         local_loss (`torch.FloatTensor` of shape `()`, *optional*):
             The mean over local crops of their terms, summed over directions; `None` without local crops.
+        level_losses (`dict[int, torch.FloatTensor]`):
+            Each loss level's unweighted loss (global + local), keyed by level (Ladder Siamese); one entry without
+            a ladder. `loss` is their sum weighted by `ladder_weights`.
         source_predictions (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
             The source branch's output for each source view (predictor output where there is a predictor).
         target_embeddings (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
@@ -49,6 +52,7 @@ class SiamesePreTrainingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     global_loss: torch.FloatTensor | None = None
     local_loss: torch.FloatTensor | None = None
+    level_losses: dict[int, torch.FloatTensor] | None = None
     source_predictions: tuple[torch.FloatTensor, ...] | None = None
     target_embeddings: tuple[torch.FloatTensor, ...] | None = None
 
@@ -62,7 +66,7 @@ class SiamesePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SiameseModel"]
     # Pretraining-only weights: absent from the encoder and the classifier, and not an error when loading them.
-    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^predictor\.", r"^target_", r"^queue"]
+    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^predictor\.", r"^ladder_", r"^target_", r"^queue"]
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers skips, for code outside its tree, every module without tensors of its own (this model's
@@ -138,6 +142,7 @@ class SiameseModel(SiamesePreTrainedModel):
         super().__init__(config)
         self.backbone = create_backbone(config)
         self.stage_indices = stage_indices(self.backbone)
+        self.stage_widths = [self.backbone.feature_info[index]["num_chs"] for index in self.stage_indices]
         self.post_init()
 
     @property
@@ -179,6 +184,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
 
     ``self.siamese`` is the source encoder, so ``AutoModel.from_pretrained`` on a pretraining checkpoint returns
     it with its trained weights. ``target_encoder``/``target_projector`` are EMA copies (``None`` for SimSiam).
+    With ``ladder_levels`` (Ladder Siamese Network, Yoshihashi et al. 2022) every listed backbone level has its
+    own projector, predictor, target projector (and queue); the last level's are the ordinary ones.
     """
 
     main_input_name = "source_pixel_values"
@@ -187,31 +194,61 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
     def __init__(self, config: SiameseConfig):
         super().__init__(config)
         self.siamese = SiameseModel(config)
+        self.levels = _resolve_ladder_levels(config, len(self.siamese.stage_indices))
+        self.level_weights = list(config.ladder_weights or [1.0] * len(self.levels))
+        widths = {level: self.siamese.stage_widths[level - 1] for level in self.levels[:-1]}
         self.projector = build_projector(config, self.siamese.num_features)
         self.predictor = build_predictor(config)
+        self.ladder_projectors = nn.ModuleDict({str(l): build_projector(config, w) for l, w in widths.items()})
+        self.ladder_predictors = nn.ModuleDict(
+            {str(l): build_predictor(config) for l in widths} if self.predictor is not None else {}
+        )
         self.target_encoder = None
         self.target_projector = None
+        self.target_ladder_projectors = nn.ModuleDict()
         if config.uses_momentum_target:
             self.target_encoder = SiameseModel(config)
             self.target_projector = build_projector(config, self.siamese.num_features)
-            self.target_encoder.requires_grad_(False)
-            self.target_projector.requires_grad_(False)
+            self.target_ladder_projectors = nn.ModuleDict(
+                {str(l): build_projector(config, w) for l, w in widths.items()}
+            )
+            for module in (self.target_encoder, self.target_projector, self.target_ladder_projectors):
+                module.requires_grad_(False)
         if config.asym_bn:
             # AsymBN: target projector BN over a larger (synchronised) batch than the source's ghost batches.
-            replace_batch_norms(self.projector, make_ghost(config.asym_bn_source_batch))
             group = asym_bn_process_group(config.asym_bn_group_size)
-            replace_batch_norms(self.target_projector, make_target_sync(group))
+            for source, target in [(self.projector, self.target_projector),
+                                   (self.ladder_projectors, self.target_ladder_projectors)]:
+                replace_batch_norms(source, make_ghost(config.asym_bn_source_batch))
+                replace_batch_norms(target, make_target_sync(group))
         if config.queue_size:
-            self.register_buffer("queue", torch.empty(config.queue_size, config.projector_dim))
-            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+            for level in self.levels:
+                queue_name, pointer_name = self._queue_names(level)
+                self.register_buffer(queue_name, torch.empty(config.queue_size, config.projector_dim))
+                self.register_buffer(pointer_name, torch.zeros((), dtype=torch.long))
         self.criterion = build_loss(config)
         self.post_init()
+
+    def _queue_names(self, level: int) -> tuple[str, str]:
+        """MoCo's queue of a level: ``queue``/``queue_ptr`` for the last level, one pair per other level."""
+        if level == self.levels[-1]:
+            return "queue", "queue_ptr"
+        return f"queue_level{level}", f"queue_ptr_level{level}"
+
+    def _level_heads(self, level: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+        """The (projector, predictor, target projector) of ``level``."""
+        if level == self.levels[-1]:
+            return self.projector, self.predictor, self.target_projector
+        key = str(level)
+        return (self.ladder_projectors[key], self.ladder_predictors[key] if key in self.ladder_predictors else None,
+                self.target_ladder_projectors[key] if key in self.target_ladder_projectors else None)
 
     def _target_source_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each target module with the source module it follows."""
         if self.target_encoder is None:
             return []
-        return [(self.target_encoder, self.siamese), (self.target_projector, self.projector)]
+        return [(self.target_encoder, self.siamese), (self.target_projector, self.projector),
+                (self.target_ladder_projectors, self.ladder_projectors)]
 
     def _init_target_and_queue(self) -> None:
         # Runs after every child is initialised or loaded: a target that was not in the checkpoint starts as a
@@ -221,19 +258,25 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             target_tensors = target.state_dict(keep_vars=True).values()
             for target_tensor, source_tensor in zip(target_tensors, source.state_dict().values()):
                 init.copy_(target_tensor, source_tensor)
-        if self.config.queue_size and not getattr(self.queue, "_is_hf_initialized", False):
-            self.queue.copy_(F.normalize(torch.randn_like(self.queue), dim=1))
-            init.zeros_(self.queue_ptr)
+        if self.config.queue_size:
+            for level in self.levels:
+                queue_name, pointer_name = self._queue_names(level)
+                queue = getattr(self, queue_name)
+                if not getattr(queue, "_is_hf_initialized", False):
+                    queue.copy_(F.normalize(torch.randn_like(queue), dim=1))
+                    init.zeros_(getattr(self, pointer_name))
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
-        """``target = m * target + (1 - m) * source`` for every target parameter.
+        """``target = m * target + (1 - m) * source`` for every target parameter (every level's heads included).
 
         Target buffers (BatchNorm statistics) are the target's own, updated by its forward passes, as in the MoCo
         and BYOL references. A no-op for SimSiam, whose target is the source itself.
         """
         for target, source in self._target_source_pairs():
             target_params = list(target.parameters())
+            if not target_params:
+                continue
             source_params = [param.detach().to(target_params[0].dtype) for param in source.parameters()]
             torch._foreach_lerp_(target_params, source_params, 1.0 - momentum)
 
@@ -243,30 +286,48 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         return final - (final - start) * (1 + math.cos(math.pi * progress)) / 2
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest keys of the FIFO queue with ``keys`` gathered from every process."""
+    def _enqueue(self, keys: torch.Tensor, level: int | None = None) -> None:
+        """Replace the oldest keys of a level's FIFO queue (the last level's by default) with ``keys`` gathered
+        from every process."""
+        queue_name, pointer_name = self._queue_names(level if level is not None else self.levels[-1])
+        queue, pointer = getattr(self, queue_name), getattr(self, pointer_name)
         keys = gather_without_grad(keys)
-        queue_size = self.queue.shape[0]
+        queue_size = queue.shape[0]
         if queue_size % len(keys):
             raise ValueError(
                 f"`queue_size` ({queue_size}) must be a multiple of the number of keys enqueued per step "
                 f"({len(keys)} = global batch size x target groups)."
             )
-        start = int(self.queue_ptr)
-        self.queue[start : start + len(keys)] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((start + len(keys)) % queue_size)
+        start = int(pointer)
+        queue[start : start + len(keys)] = keys.to(queue.dtype)
+        pointer.fill_((start + len(keys)) % queue_size)
 
-    def _project_source(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source projection ``z`` and prediction ``p`` (``p = z`` without a predictor)."""
-        projection = self.projector(self.siamese(pixel_values).pooler_output)
-        prediction = self.predictor(projection) if self.predictor is not None else projection
-        return projection, prediction
+    def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Pooled features of every loss level; just ``pooler_output`` without a ladder."""
+        if len(self.levels) == 1:
+            return {self.levels[0]: encoder(pixel_values).pooler_output}
+        output = encoder(pixel_values, output_hidden_states=True)
+        features = {
+            level: pool_stage(output.hidden_states[level - 1], encoder.backbone, self.config.ladder_vit_pooling)
+            for level in self.levels[:-1]
+        }
+        features[self.levels[-1]] = output.pooler_output
+        return features
 
-    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> tuple[list, list]:
-        """Encode each global view in its own pass and each run of same-size local crops in one pass.
+    def _project_source(self, pixel_values: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, the source projection ``z`` and prediction ``p`` (``p = z`` without a predictor)."""
+        projected = {}
+        for level, features in self._level_features(self.siamese, pixel_values).items():
+            projector, predictor, _ = self._level_heads(level)
+            projection = projector(features)
+            projected[level] = (projection, predictor(projection) if predictor is not None else projection)
+        return projected
 
-        One pass per global view keeps each view's BatchNorm statistics separate, as in the references;
-        MultiCrop's local crops share a size and so a pass (Caron et al. 2020).
+    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
+        """Per level, the projections and predictions of every source view.
+
+        Each global view is encoded in its own pass, which keeps each view's BatchNorm statistics separate as in
+        the references; each run of same-size local crops (MultiCrop) shares a pass (Caron et al. 2020).
         """
         passes = [[view] for view in views[:num_global]]
         for view in views[num_global:]:
@@ -274,34 +335,54 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 passes[-1].append(view)
             else:
                 passes.append([view])
-        projections, predictions = [], []
+        outputs = {level: ([], []) for level in self.levels}
         for group in passes:
-            projection, prediction = self._project_source(torch.cat(group) if len(group) > 1 else group[0])
-            projections += projection.chunk(len(group))
-            predictions += prediction.chunk(len(group))
-        return projections, predictions
+            for level, (projection, prediction) in self._project_source(torch.cat(group)).items():
+                outputs[level][0].extend(projection.chunk(len(group)))
+                outputs[level][1].extend(prediction.chunk(len(group)))
+        return outputs
 
     @torch.no_grad()
+    def _target_mean_projections(self, views: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Per level, the mean of the target's un-normalised projections of ``views`` (one batch)."""
+        encoder = self.target_encoder if self.target_encoder is not None else self.siamese
+
+        def encode(pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+            features = self._level_features(encoder, pixels)
+            return {level: self._target_projector(level)(value) for level, value in features.items()}
+
+        pixels = torch.cat(views)
+        projections = batch_shuffled(encode, pixels) if self.config.shuffle_bn else encode(pixels)
+        return {level: p.view(len(views), len(views[0]), -1).mean(dim=0) for level, p in projections.items()}
+
+    def _target_projector(self, level: int) -> nn.Module:
+        projector, _, target_projector = self._level_heads(level)
+        return target_projector if target_projector is not None else projector
+
     def target_mean_projection(self, views: list[torch.Tensor]) -> torch.Tensor:
         """MeanEnc (Wang et al. 2022, Sec. 4.5): the mean of the target's un-normalised projections of ``views``.
 
         The views are encoded in one batch. With a single view this is just its target projection.
         """
-        encoder, projector = (
-            (self.target_encoder, self.target_projector) if self.target_encoder is not None else (self.siamese, self.projector)
-        )
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return projector(encoder(pixels).pooler_output)
-
-        pixels = torch.cat(views)
-        projections = batch_shuffled(encode, pixels) if self.config.shuffle_bn else encode(pixels)
-        return projections.view(len(views), len(views[0]), -1).mean(dim=0)
+        return self._target_mean_projections(views)[self.levels[-1]]
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if negatives is not None:
             return self.criterion(prediction, target, negatives)
         return self.criterion(prediction, target)
+
+    def _level_terms(self, predictions, targets, negatives) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One level's global and local (MultiCrop) terms, combined over directions as the framework does."""
+        num_groups = len(targets)
+        global_terms, local_terms = [], []
+        for direction in range(num_groups):
+            target = targets[num_groups - 1 - direction]
+            global_terms.append(self._pair_loss(predictions[direction], target, negatives))
+            local_predictions = predictions[num_groups:]
+            if local_predictions:
+                local_terms.append(torch.stack([self._pair_loss(p, target, negatives) for p in local_predictions]).mean())
+        reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
+        return reduce(torch.stack(global_terms)), reduce(torch.stack(local_terms)) if local_terms else None
 
     def forward(
         self,
@@ -336,50 +417,63 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             target_pixel_values[group * views_per_group : (group + 1) * views_per_group] for group in range(num_groups)
         ]
 
-        projections, predictions = self._project_source_views(source_pixel_values, num_global=num_groups)
-        targets = []
+        source = self._project_source_views(source_pixel_values, num_global=num_groups)
+        targets = {level: [] for level in self.levels}
         for group in target_groups:
-            reused = self._reused_source_projection(group, source_pixel_values, projections)
-            targets.append(reused if reused is not None else F.normalize(self.target_mean_projection(group), dim=1))
-        # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
-        negatives = self.queue.clone() if self.config.queue_size else None
+            embeddings = self._reused_source_projections(group, source_pixel_values, source)
+            if embeddings is None:
+                embeddings = {l: F.normalize(p, dim=1) for l, p in self._target_mean_projections(group).items()}
+            for level, embedding in embeddings.items():
+                targets[level].append(embedding)
 
-        global_terms, local_terms = [], []
-        for direction in range(num_groups):
-            target = targets[num_groups - 1 - direction]
-            global_terms.append(self._pair_loss(predictions[direction], target, negatives))
-            local_predictions = predictions[num_groups:]
-            if local_predictions:
-                local_terms.append(torch.stack([self._pair_loss(p, target, negatives) for p in local_predictions]).mean())
-
-        reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
-        global_loss = reduce(torch.stack(global_terms))
-        local_loss = reduce(torch.stack(local_terms)) if local_terms else None
+        level_losses, global_loss, local_loss = {}, 0.0, None
+        for level, weight in zip(self.levels, self.level_weights):
+            # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
+            negatives = getattr(self, self._queue_names(level)[0]).clone() if self.config.queue_size else None
+            level_global, level_local = self._level_terms(source[level][1], targets[level], negatives)
+            level_losses[level] = level_global if level_local is None else level_global + level_local
+            global_loss = global_loss + weight * level_global
+            if level_local is not None:
+                local_loss = weight * level_local if local_loss is None else local_loss + weight * level_local
         loss = global_loss if local_loss is None else global_loss + local_loss
 
         if self.config.queue_size and self.training:
-            self._enqueue(torch.cat(targets))
+            for level in self.levels:
+                self._enqueue(torch.cat(targets[level]), level)
 
+        last = self.levels[-1]
         output = SiamesePreTrainingOutput(
             loss=loss,
             global_loss=global_loss,
             local_loss=local_loss,
-            source_predictions=tuple(predictions),
-            target_embeddings=tuple(targets),
+            level_losses=level_losses,
+            source_predictions=tuple(source[last][1]),
+            target_embeddings=tuple(targets[last]),
         )
         return output if return_dict else output.to_tuple()
 
-    def _reused_source_projection(self, group, source_pixel_values, projections) -> torch.Tensor | None:
-        """SimSiam's target for a view the source already encoded: its projection under stop-gradient.
+    def _reused_source_projections(self, group, source_pixel_values, source) -> dict[int, torch.Tensor] | None:
+        """SimSiam's target for a view the source already encoded: its projections under stop-gradient.
 
         This is SimSiam's own computation (Chen & He 2021, Alg. 1) and saves a forward pass per view.
         """
         if self.target_encoder is not None or len(group) != 1:
             return None
-        for view, projection in zip(source_pixel_values, projections):
+        for index, view in enumerate(source_pixel_values):
             if view is group[0]:
-                return F.normalize(projection.detach(), dim=1)
+                return {level: F.normalize(source[level][0][index].detach(), dim=1) for level in self.levels}
         return None
+
+
+def _resolve_ladder_levels(config: SiameseConfig, num_levels: int) -> list[int]:
+    """The loss levels; the last backbone level always carries the ordinary loss."""
+    levels = list(config.ladder_levels or [num_levels])
+    if levels[-1] != num_levels:
+        raise ValueError(
+            f"`ladder_levels` must end with the last level of {config.backbone!r} ({num_levels}), whose heads are "
+            f"the ordinary ones; got {levels}."
+        )
+    return levels
 
 
 class SiameseForImageClassification(SiamesePreTrainedModel):

@@ -1,0 +1,136 @@
+"""Ladder Siamese Network (Yoshihashi et al. 2022): a Siamese loss at every chosen backbone level."""
+
+import pytest
+import torch
+from conftest import global_views, tiny_config
+from test_designs import batch_for
+from transformers import AutoModel
+
+from hf_siamese import SiameseConfig, SiameseForPreTraining, SiameseModel
+
+
+@pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
+def test_last_level_only_is_exactly_the_plain_framework(framework):
+    torch.manual_seed(0)
+    plain = SiameseForPreTraining(tiny_config(framework)).train()
+    ladder = SiameseForPreTraining(tiny_config(framework, ladder_levels=[4], ladder_dense_weight=0.0)).train()
+    assert plain.state_dict().keys() == ladder.state_dict().keys()
+    ladder.load_state_dict(plain.state_dict())
+    source, target = global_views(plain.config)
+    plain_output, ladder_output = plain(source, target), ladder(source, target)
+    assert torch.equal(plain_output.loss, ladder_output.loss)
+    plain_output.loss.backward()
+    ladder_output.loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), ladder.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
+
+
+def test_each_level_has_its_own_heads_with_the_stage_width():
+    model = SiameseForPreTraining(tiny_config("byol", ladder_levels=[1, 2, 3, 4]))
+    assert model.levels == [1, 2, 3, 4]
+    assert {k: head[0].in_features for k, head in model.ladder_projectors.items()} == {"1": 64, "2": 128, "3": 256}
+    assert set(model.ladder_predictors) == set(model.target_ladder_projectors) == {"1", "2", "3"}
+    assert model.projector[0].in_features == 512
+
+
+def test_level_loss_sends_gradients_only_to_the_stem_its_stages_and_its_head():
+    torch.manual_seed(0)
+    model = SiameseForPreTraining(tiny_config("byol", ladder_levels=[1, 2, 3, 4])).train()
+    source, target = global_views(model.config)
+    output = model(source, target)
+    assert set(output.level_losses) == {1, 2, 3, 4}
+    output.level_losses[2].backward()
+
+    def has_grad(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    backbone = model.siamese.backbone
+    assert has_grad(backbone.conv1) and has_grad(backbone.layer1) and has_grad(backbone.layer2)
+    assert not has_grad(backbone.layer3) and not has_grad(backbone.layer4)
+    assert has_grad(model.ladder_projectors["2"]) and has_grad(model.ladder_predictors["2"])
+    for other in (model.ladder_projectors["1"], model.ladder_projectors["3"], model.projector, model.predictor):
+        assert not has_grad(other)
+
+
+def test_loss_is_the_weighted_sum_of_level_losses():
+    torch.manual_seed(0)
+    model = SiameseForPreTraining(tiny_config("simsiam", ladder_levels=[2, 4], ladder_weights=[0.5, 2.0])).eval()
+    source, target = global_views(model.config)
+    output = model(source, target)
+    expected = 0.5 * output.level_losses[2] + 2.0 * output.level_losses[4]
+    assert torch.allclose(output.loss, expected)
+
+
+def test_every_level_target_head_follows_the_ema_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = SiameseForPreTraining(tiny_config("mocov3", ladder_levels=[1, 3, 4])).train()
+    source, target = global_views(model.config)
+    model(source, target).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.target_ladder_projectors.parameters())
+    with torch.no_grad():
+        for param in model.ladder_projectors.parameters():
+            param.add_(1.0)
+    before = [p.clone() for p in model.target_ladder_projectors.parameters()]
+    model.momentum_update(0.5)
+    for after, old, source_param in zip(model.target_ladder_projectors.parameters(), before,
+                                        model.ladder_projectors.parameters()):
+        assert torch.allclose(after, 0.5 * old + 0.5 * source_param)
+
+
+def test_moco_ladder_keeps_a_queue_per_level():
+    model = SiameseForPreTraining(tiny_config("moco", queue_size=16, ladder_levels=[2, 4])).train()
+    source, target = global_views(model.config)
+    output = model(source, target)
+    assert int(model.queue_ptr) == 8 and int(model.queue_ptr_level2) == 8
+    assert torch.allclose(model.queue[:8], output.target_embeddings[0])
+    assert not torch.allclose(model.queue_level2[:8], model.queue[:8])
+
+
+def test_vit_ladder_with_cls_and_mean_pooling():
+    for pooling in ("cls", "mean"):
+        config = tiny_config("byol", backbone="vit_tiny_patch16_224", ladder_levels=[1, 2], ladder_vit_pooling=pooling)
+        model = SiameseForPreTraining(config).train()
+        source, target = global_views(model.config, batch_size=4)
+        output = model(source, target)
+        assert torch.isfinite(output.loss) and set(output.level_losses) == {1, 2}
+        output.loss.backward()
+
+
+def test_ladder_composes_with_multicrop_and_mean_encoding():
+    config = tiny_config("byol", ladder_levels=[2, 3, 4], multicrop=True, multicrop_local_size=16,
+                         multicrop_num_local=2, mean_encoding=True)
+    model = SiameseForPreTraining(config).train()
+    output = model(**batch_for(config, count=4))
+    assert torch.isfinite(output.loss) and output.local_loss is not None
+    output.loss.backward()
+
+
+def test_ladder_checkpoint_round_trip_and_encoder_loading(tmp_path):
+    torch.manual_seed(0)
+    model = SiameseForPreTraining(tiny_config("moco", queue_size=16, ladder_levels=[3, 4])).eval()
+    model.save_pretrained(tmp_path)
+    loaded = SiameseForPreTraining.from_pretrained(tmp_path).eval()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[key]), key
+    encoder, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(encoder, SiameseModel) and not info["unexpected_keys"] and not info["missing_keys"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"ladder_levels": [0, 4]}, "`ladder_levels`"),
+        ({"ladder_levels": [3, 2, 4]}, "`ladder_levels`"),
+        ({"ladder_levels": [1, 4], "ladder_weights": [1.0]}, "`ladder_weights`"),
+        ({"ladder_vit_pooling": "max"}, "`ladder_vit_pooling`"),
+        ({"ladder_dense_weight": -1.0}, "`ladder_dense_weight`"),
+    ],
+)
+def test_invalid_ladder_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SiameseConfig(**fields)
+
+
+def test_ladder_must_end_at_the_last_level():
+    with pytest.raises(ValueError, match=r"`ladder_levels` must end with the last level .* \(4\)"):
+        SiameseForPreTraining(tiny_config("byol", ladder_levels=[1, 2]))
