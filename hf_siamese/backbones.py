@@ -69,3 +69,10 @@ def pool_stage(features: torch.Tensor, backbone: nn.Module, vit_pooling: str = "
     if vit_pooling == "cls" and backbone.num_prefix_tokens:
         return features[:, 0]
     return features[:, backbone.num_prefix_tokens :].mean(dim=1)
+
+
+def stage_cells(features: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """A stage's features as ``[B, cells, C]``: the map's positions, or a ViT's patch tokens (prefix dropped)."""
+    if features.dim() == 4:
+        return features.flatten(2).transpose(1, 2)
+    return features[:, backbone.num_prefix_tokens :]

@@ -288,6 +288,10 @@ class SiameseConfig(PreTrainedConfig):
             raise ValueError(f"`ladder_vit_pooling` must be 'cls' or 'mean', got {self.ladder_vit_pooling!r}.")
         if self.ladder_dense_weight < 0:
             raise ValueError(f"`ladder_dense_weight` must be >= 0, got {self.ladder_dense_weight}.")
+        if self.ladder_dense_weight and self.scalemix:
+            raise ValueError(
+                "`ladder_dense_weight` > 0 needs each source view to be one crop; ScaleMix (`scalemix`) mixes two."
+            )
 
     @property
     def uses_momentum_target(self) -> bool:

@@ -20,9 +20,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
-from .backbones import create_backbone, forward_stages, pool_stage, stage_indices
+from .backbones import create_backbone, forward_stages, pool_stage, stage_cells, stage_indices
 from .batchnorm import asym_bn_process_group, make_ghost, make_target_sync, replace_batch_norms
 from .configuration_siamese import SiameseConfig
+from .dense import dense_cosine_loss, grid_side, matched_cells
 from .distributed import batch_shuffled, gather_without_grad
 from .heads import ProjectionHead, build_predictor, build_projector
 from .losses import build_loss
@@ -43,6 +44,9 @@ class SiamesePreTrainingOutput(ModelOutput):
         level_losses (`dict[int, torch.FloatTensor]`):
             Each loss level's unweighted loss (global + local), keyed by level (Ladder Siamese); one entry without
             a ladder. `loss` is their sum weighted by `ladder_weights`.
+        dense_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The dense (matched-cell) terms summed over levels with `ladder_weights`, before `ladder_dense_weight`;
+            `None` when the dense term is off.
         source_predictions (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
             The source branch's output for each source view (predictor output where there is a predictor).
         target_embeddings (`tuple(torch.FloatTensor)` of shape `(batch_size, projector_dim)`):
@@ -53,6 +57,7 @@ class SiamesePreTrainingOutput(ModelOutput):
     global_loss: torch.FloatTensor | None = None
     local_loss: torch.FloatTensor | None = None
     level_losses: dict[int, torch.FloatTensor] | None = None
+    dense_loss: torch.FloatTensor | None = None
     source_predictions: tuple[torch.FloatTensor, ...] | None = None
     target_embeddings: tuple[torch.FloatTensor, ...] | None = None
 
@@ -66,7 +71,9 @@ class SiamesePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SiameseModel"]
     # Pretraining-only weights: absent from the encoder and the classifier, and not an error when loading them.
-    _keys_to_ignore_on_load_unexpected = [r"^projector\.", r"^predictor\.", r"^ladder_", r"^target_", r"^queue"]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^projector\.", r"^predictor\.", r"^ladder_", r"^dense_", r"^target_", r"^queue"
+    ]
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers skips, for code outside its tree, every module without tensors of its own (this model's
@@ -203,16 +210,27 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         self.ladder_predictors = nn.ModuleDict(
             {str(l): build_predictor(config) for l in widths} if self.predictor is not None else {}
         )
+        # Dense term: a 1x1-conv MLP per level, i.e. the level's MLP applied to every cell.
+        dense_widths = {**widths, self.levels[-1]: self.siamese.stage_widths[-1]} if config.ladder_dense_weight else {}
+        self.dense_projectors = nn.ModuleDict({str(l): build_projector(config, w) for l, w in dense_widths.items()})
+        self.dense_predictors = nn.ModuleDict(
+            {str(l): build_predictor(config) for l in dense_widths} if self.predictor is not None else {}
+        )
         self.target_encoder = None
         self.target_projector = None
         self.target_ladder_projectors = nn.ModuleDict()
+        self.target_dense_projectors = nn.ModuleDict()
         if config.uses_momentum_target:
             self.target_encoder = SiameseModel(config)
             self.target_projector = build_projector(config, self.siamese.num_features)
             self.target_ladder_projectors = nn.ModuleDict(
                 {str(l): build_projector(config, w) for l, w in widths.items()}
             )
-            for module in (self.target_encoder, self.target_projector, self.target_ladder_projectors):
+            self.target_dense_projectors = nn.ModuleDict(
+                {str(l): build_projector(config, w) for l, w in dense_widths.items()}
+            )
+            for module in (self.target_encoder, self.target_projector, self.target_ladder_projectors,
+                           self.target_dense_projectors):
                 module.requires_grad_(False)
         if config.asym_bn:
             # AsymBN: target projector BN over a larger (synchronised) batch than the source's ghost batches.
@@ -248,7 +266,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         if self.target_encoder is None:
             return []
         return [(self.target_encoder, self.siamese), (self.target_projector, self.projector),
-                (self.target_ladder_projectors, self.ladder_projectors)]
+                (self.target_ladder_projectors, self.ladder_projectors),
+                (self.target_dense_projectors, self.dense_projectors)]
 
     def _init_target_and_queue(self) -> None:
         # Runs after every child is initialised or loaded: a target that was not in the checkpoint starts as a
@@ -302,9 +321,11 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         queue[start : start + len(keys)] = keys.to(queue.dtype)
         pointer.fill_((start + len(keys)) % queue_size)
 
-    def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Pooled features of every loss level; just ``pooler_output`` without a ladder."""
-        if len(self.levels) == 1:
+    def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict:
+        """Pooled features of every loss level (``level -> [B, C]``), and with the dense term each level's cells
+        (``("cells", level) -> [B, cells, C]``). Without a ladder or dense term: just ``pooler_output``."""
+        dense = bool(self.config.ladder_dense_weight)
+        if len(self.levels) == 1 and not dense:
             return {self.levels[0]: encoder(pixel_values).pooler_output}
         output = encoder(pixel_values, output_hidden_states=True)
         features = {
@@ -312,16 +333,34 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             for level in self.levels[:-1]
         }
         features[self.levels[-1]] = output.pooler_output
+        if dense:
+            for level in self.levels:
+                features["cells", level] = stage_cells(output.hidden_states[level - 1], encoder.backbone)
         return features
 
-    def _project_source(self, pixel_values: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per level, the source projection ``z`` and prediction ``p`` (``p = z`` without a predictor)."""
+    def _project_source(self, pixel_values: torch.Tensor) -> dict:
+        """Per level, the source projection ``z`` and prediction ``p`` (``p = z`` without a predictor); with the
+        dense term, also per level ``("cells", level) ->`` (cell projections, cell predictions)."""
         projected = {}
-        for level, features in self._level_features(self.siamese, pixel_values).items():
-            projector, predictor, _ = self._level_heads(level)
-            projection = projector(features)
-            projected[level] = (projection, predictor(projection) if predictor is not None else projection)
+        for key, features in self._level_features(self.siamese, pixel_values).items():
+            projector, predictor = self._source_heads(key)
+            projection = _per_cell(projector, features)
+            projected[key] = (projection, _per_cell(predictor, projection) if predictor is not None else projection)
         return projected
+
+    def _source_heads(self, key) -> tuple[nn.Module, nn.Module | None]:
+        if isinstance(key, tuple):  # ("cells", level)
+            name = str(key[1])
+            return self.dense_projectors[name], self.dense_predictors[name] if name in self.dense_predictors else None
+        projector, predictor, _ = self._level_heads(key)
+        return projector, predictor
+
+    def _target_head(self, key) -> nn.Module:
+        if isinstance(key, tuple):
+            name = str(key[1])
+            return self.target_dense_projectors[name] if self.target_encoder is not None else self.dense_projectors[name]
+        projector, _, target_projector = self._level_heads(key)
+        return target_projector if target_projector is not None else projector
 
     def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
         """Per level, the projections and predictions of every source view.
@@ -335,29 +374,31 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 passes[-1].append(view)
             else:
                 passes.append([view])
-        outputs = {level: ([], []) for level in self.levels}
+        outputs = {}
         for group in passes:
-            for level, (projection, prediction) in self._project_source(torch.cat(group)).items():
-                outputs[level][0].extend(projection.chunk(len(group)))
-                outputs[level][1].extend(prediction.chunk(len(group)))
+            for key, (projection, prediction) in self._project_source(torch.cat(group)).items():
+                projections, predictions = outputs.setdefault(key, ([], []))
+                projections.extend(projection.chunk(len(group)))
+                predictions.extend(prediction.chunk(len(group)))
         return outputs
 
     @torch.no_grad()
-    def _target_mean_projections(self, views: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Per level, the mean of the target's un-normalised projections of ``views`` (one batch)."""
+    def _target_mean_projections(self, views: list[torch.Tensor]) -> dict:
+        """Per level, the mean of the target's un-normalised projections of ``views`` (one batch); per dense
+        level, the cell projections of the first view (the others' cells do not line up with it)."""
         encoder = self.target_encoder if self.target_encoder is not None else self.siamese
 
-        def encode(pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+        def encode(pixels: torch.Tensor) -> dict:
             features = self._level_features(encoder, pixels)
-            return {level: self._target_projector(level)(value) for level, value in features.items()}
+            return {key: _per_cell(self._target_head(key), value) for key, value in features.items()}
 
         pixels = torch.cat(views)
         projections = batch_shuffled(encode, pixels) if self.config.shuffle_bn else encode(pixels)
-        return {level: p.view(len(views), len(views[0]), -1).mean(dim=0) for level, p in projections.items()}
-
-    def _target_projector(self, level: int) -> nn.Module:
-        projector, _, target_projector = self._level_heads(level)
-        return target_projector if target_projector is not None else projector
+        batch = len(views[0])
+        return {
+            key: p[:batch] if isinstance(key, tuple) else p.view(len(views), batch, -1).mean(dim=0)
+            for key, p in projections.items()
+        }
 
     def target_mean_projection(self, views: list[torch.Tensor]) -> torch.Tensor:
         """MeanEnc (Wang et al. 2022, Sec. 4.5): the mean of the target's un-normalised projections of ``views``.
@@ -388,6 +429,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         self,
         source_pixel_values: list[torch.Tensor],
         target_pixel_values: list[torch.Tensor],
+        source_geometry: list[torch.Tensor] | None = None,
+        target_geometry: list[torch.Tensor] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SiamesePreTrainingOutput | tuple:
@@ -400,8 +443,16 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 Views for the target branch: one group per global source view (2 groups with a symmetric loss),
                 each of equal size (more than one view per group = MeanEnc). Global source view `d` is paired
                 with target group `1 - d` (symmetric) or group 0; local crops are paired with every group.
+            source_geometry, target_geometry (`list[torch.Tensor]`, *optional*):
+                Each view's crop geometry `[B, 5]` (top, left, height, width, flipped), as `collate_views` gives
+                it; required by the Ladder's dense term (`ladder_dense_weight > 0`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.config.ladder_dense_weight and (source_geometry is None or target_geometry is None):
+            raise ValueError(
+                "`source_geometry` and `target_geometry` are required when `ladder_dense_weight` > 0 (the dense "
+                "term matches cells by crop geometry); build the views with MultiViewTransform.from_config."
+            )
         num_groups = self.config.num_target_groups
         if len(source_pixel_values) < num_groups:
             raise ValueError(
@@ -418,15 +469,15 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         ]
 
         source = self._project_source_views(source_pixel_values, num_global=num_groups)
-        targets = {level: [] for level in self.levels}
+        targets = {}
         for group in target_groups:
             embeddings = self._reused_source_projections(group, source_pixel_values, source)
             if embeddings is None:
-                embeddings = {l: F.normalize(p, dim=1) for l, p in self._target_mean_projections(group).items()}
-            for level, embedding in embeddings.items():
-                targets[level].append(embedding)
+                embeddings = {k: F.normalize(p, dim=-1) for k, p in self._target_mean_projections(group).items()}
+            for key, embedding in embeddings.items():
+                targets.setdefault(key, []).append(embedding)
 
-        level_losses, global_loss, local_loss = {}, 0.0, None
+        level_losses, global_loss, local_loss, dense_loss = {}, 0.0, None, None
         for level, weight in zip(self.levels, self.level_weights):
             # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
             negatives = getattr(self, self._queue_names(level)[0]).clone() if self.config.queue_size else None
@@ -435,7 +486,14 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             global_loss = global_loss + weight * level_global
             if level_local is not None:
                 local_loss = weight * level_local if local_loss is None else local_loss + weight * level_local
+            if self.config.ladder_dense_weight:
+                level_dense = self._dense_term(source["cells", level][1], targets["cells", level],
+                                               source_geometry, target_geometry[::views_per_group])
+                level_losses[level] = level_losses[level] + self.config.ladder_dense_weight * level_dense
+                dense_loss = weight * level_dense if dense_loss is None else dense_loss + weight * level_dense
         loss = global_loss if local_loss is None else global_loss + local_loss
+        if dense_loss is not None:
+            loss = loss + self.config.ladder_dense_weight * dense_loss
 
         if self.config.queue_size and self.training:
             for level in self.levels:
@@ -447,12 +505,26 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             global_loss=global_loss,
             local_loss=local_loss,
             level_losses=level_losses,
+            dense_loss=dense_loss,
             source_predictions=tuple(source[last][1]),
             target_embeddings=tuple(targets[last]),
         )
         return output if return_dict else output.to_tuple()
 
-    def _reused_source_projections(self, group, source_pixel_values, source) -> dict[int, torch.Tensor] | None:
+    def _dense_term(self, cell_predictions, cell_targets, source_geometry, target_geometry) -> torch.Tensor:
+        """Matched-cell loss between each global source view and the first view of its target group."""
+        num_groups = len(cell_targets)
+        terms = []
+        for direction in range(num_groups):
+            group = num_groups - 1 - direction
+            predictions, targets = cell_predictions[direction], cell_targets[group]
+            index, valid = matched_cells(source_geometry[direction], target_geometry[group],
+                                         grid_side(predictions.shape[1]), grid_side(targets.shape[1]))
+            terms.append(dense_cosine_loss(predictions, targets, index, valid))
+        reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
+        return reduce(torch.stack(terms))
+
+    def _reused_source_projections(self, group, source_pixel_values, source) -> dict | None:
         """SimSiam's target for a view the source already encoded: its projections under stop-gradient.
 
         This is SimSiam's own computation (Chen & He 2021, Alg. 1) and saves a forward pass per view.
@@ -461,8 +533,16 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             return None
         for index, view in enumerate(source_pixel_values):
             if view is group[0]:
-                return {level: F.normalize(source[level][0][index].detach(), dim=1) for level in self.levels}
+                return {key: F.normalize(value[0][index].detach(), dim=-1) for key, value in source.items()}
         return None
+
+
+def _per_cell(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Apply an MLP head to ``[B, C]`` features, or to every cell of ``[B, cells, C]`` (a 1x1-conv MLP)."""
+    if features.dim() == 2:
+        return head(features)
+    batch, cells, _ = features.shape
+    return head(features.flatten(0, 1)).view(batch, cells, -1)
 
 
 def _resolve_ladder_levels(config: SiameseConfig, num_levels: int) -> list[int]:

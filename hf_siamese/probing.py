@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .backbones import pool_stage
 from .data import decode_image, find_image_column
 from .views import eval_transform, image_mode
 
@@ -19,15 +20,18 @@ from .views import eval_transform, image_mode
 class Features:
     features: torch.Tensor  # [N, D], float32
     labels: torch.Tensor  # [N], int64
+    levels: dict[int, torch.Tensor] | None = None  # level -> [N, C_level], pooled stage features
 
 
 @torch.no_grad()
 def extract_features(model, dataset, *, label_column: str = "label", image_column: str | None = None,
-                     batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> Features:
+                     batch_size: int = 256, num_workers: int = 0, progress: bool = True,
+                     levels: list[int] | None = None) -> Features:
     """Pooled features of every image of a map-style ``dataset`` through a frozen encoder in eval mode.
 
     ``model`` is a :class:`SiameseModel` (or anything returning ``pooler_output``); images are resized to its
-    config's ``image_size`` and normalised with its ``image_mean``/``image_std``.
+    config's ``image_size`` and normalised with its ``image_mean``/``image_std``. ``levels`` (1-based positions
+    in ``hidden_states``) also collects those stages' pooled features, for a multi-level probe.
     """
     config = model.config
     column = find_image_column(list(dataset.column_names), image_column)
@@ -49,11 +53,16 @@ def extract_features(model, dataset, *, label_column: str = "label", image_colum
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     model.eval()
     device = next(model.parameters()).device
-    features, labels = [], []
+    features, labels, level_features = [], [], {level: [] for level in levels or []}
     for pixels, batch_labels in tqdm(loader, desc="features", disable=not progress):
-        features.append(model(pixels.to(device)).pooler_output.float().cpu())
+        output = model(pixels.to(device), output_hidden_states=bool(levels))
+        features.append(output.pooler_output.float().cpu())
+        for level in level_features:
+            pooled = pool_stage(output.hidden_states[level - 1], model.backbone, config.ladder_vit_pooling)
+            level_features[level].append(pooled.float().cpu())
         labels.append(batch_labels)
-    return Features(torch.cat(features), torch.cat(labels))
+    stacked_levels = {level: torch.cat(chunks) for level, chunks in level_features.items()} if levels else None
+    return Features(torch.cat(features), torch.cat(labels), stacked_levels)
 
 
 def knn_classify(train: Features, test_features: torch.Tensor, *, k: int = 20, temperature: float = 0.07,

@@ -155,6 +155,10 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
                       "momentum": momentum, "skipped_images": _sum_over_processes(accelerator, data.skipped_images)}
             if output.local_loss is not None:
                 record.update(global_loss=output.global_loss.item(), local_loss=output.local_loss.item())
+            if len(output.level_losses) > 1 or output.dense_loss is not None:
+                record.update({f"level_loss/{level}": value.item() for level, value in output.level_losses.items()})
+            if output.dense_loss is not None:
+                record["dense_loss"] = output.dense_loss.item()
             metrics.log(record)
         if monitor is not None and step % args.variance_steps == 0:
             metrics.log({"step": step, **monitor.measure(unwrapped).as_dict()})

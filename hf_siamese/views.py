@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +81,34 @@ def _blur_kernel(size: int) -> int:
     return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
+class ViewRecipe:
+    """A RandomResizedCrop and horizontal flip whose geometry can be reported, then photometric steps.
+
+    The geometry (``[top, left, height, width, flipped]``, the crop box as fractions of the original image) is
+    what the Ladder's dense term needs to match cells of two views of one image.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], photometric: v2.Compose):
+        self.size = size
+        self.scale = tuple(scale)
+        self.photometric = photometric
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.with_geometry(image)[0]
+
+    def with_geometry(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        view = v2.functional.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
+        flipped = bool(torch.rand(()) < 0.5)
+        if flipped:
+            view = v2.functional.horizontal_flip(view)
+        image_width, image_height = image.size
+        geometry = torch.tensor(
+            [top / image_height, left / image_width, height / image_height, width / image_width, float(flipped)]
+        )
+        return self.photometric(view), geometry
+
+
 class MultiViewTransform:
     """One image -> ``{"source": [Tensor, ...], "target": [Tensor, ...]}`` in the model's view layout.
 
@@ -104,6 +132,7 @@ class MultiViewTransform:
         scalemix_probability: float = 0.0,
         asym_aug: bool = False,
         mean_encoding_views: int = 1,
+        return_geometry: bool = False,
     ):
         if recipe not in RECIPES:
             raise ValueError(f"`augmentation` must be one of {sorted(RECIPES)}, got {recipe!r}.")
@@ -113,6 +142,7 @@ class MultiViewTransform:
         self.scalemix_probability = scalemix_probability
         self.asym_aug = asym_aug
         self.mean_encoding_views = mean_encoding_views
+        self.return_geometry = return_geometry
         self.mode = image_mode(num_channels)
         mean, std = channel_stats(num_channels, image_mean, image_std)
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
@@ -120,14 +150,14 @@ class MultiViewTransform:
         first, second = RECIPES[recipe]
         rand_augment = _rand_augment(mean) if asym_aug else None
 
-        def source(view: RecipeView, size: int, scale) -> v2.Compose:
-            return _photometric(view, size, scale, mean, std, num_channels, rand_augment)
+        def source(view: RecipeView, size: int, scale) -> ViewRecipe:
+            return ViewRecipe(size, scale, _photometric(view, size, mean, std, num_channels, rand_augment))
 
         self.global_source = [source(first, image_size, global_scale), source(second, image_size, global_scale)]
         self.local_source = source(first, multicrop_local_size, tuple(multicrop_local_scale))
         if asym_aug:
             # AsymAug's weak target: crop (0.08, 1) + flip + normalise only.
-            weak = _geometric_only(image_size, (0.08, 1.0), mean, std)
+            weak = ViewRecipe(image_size, (0.08, 1.0), v2.Compose(_to_normalised_tensor(mean, std)))
             self.global_target = [weak, weak]
         else:
             self.global_target = self.global_source
@@ -149,6 +179,7 @@ class MultiViewTransform:
             scalemix_probability=config.scalemix_probability if config.scalemix else 0.0,
             asym_aug=config.asym_aug,
             mean_encoding_views=config.mean_encoding_views if config.mean_encoding else 1,
+            return_geometry=config.ladder_dense_weight > 0,
         )
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -160,16 +191,23 @@ class MultiViewTransform:
         target_recipes = list(range(num_directions)) if self.symmetric else [1]
         shares_views = self.symmetric and not self.asym_aug and self.mean_encoding_views == 1
 
-        global_views = [self.global_source[r](image) for r in source_recipes]
+        global_views = [self.global_source[r].with_geometry(image) for r in source_recipes]
         if shares_views:
             target = list(global_views)
         else:
             target = [
-                self.global_target[r](image) for r in target_recipes for _ in range(self.mean_encoding_views)
+                self.global_target[r].with_geometry(image)
+                for r in target_recipes
+                for _ in range(self.mean_encoding_views)
             ]
-        source = [self._maybe_scale_mix(view, self.global_source[r], image) for view, r in zip(global_views, source_recipes)]
-        source += [self.local_source(image) for _ in range(self.num_local)]
-        return {"source": source, "target": target}
+        source = [(self._maybe_scale_mix(view, self.global_source[r], image), geometry)
+                  for (view, geometry), r in zip(global_views, source_recipes)]
+        source += [self.local_source.with_geometry(image) for _ in range(self.num_local)]
+        views = {"source": [view for view, _ in source], "target": [view for view, _ in target]}
+        if self.return_geometry:
+            views["source_geometry"] = [geometry for _, geometry in source]
+            views["target_geometry"] = [geometry for _, geometry in target]
+        return views
 
     def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
         if self.scalemix_probability and torch.rand(()) < self.scalemix_probability:
@@ -183,7 +221,8 @@ class MultiViewTransform:
 
 
 def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
-    """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``.
+    """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``
+    (plus ``source_geometry``/``target_geometry`` when the views carry their crop geometry).
 
     A target position holding the same tensors as a source position gets the same batch tensor, which is how
     the model knows the view was already encoded by the source.
@@ -195,7 +234,11 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
             (j for j in range(len(source)) if all(s["target"][i] is s["source"][j] for s in samples)), None
         )
         target.append(source[shared] if shared is not None else torch.stack([s["target"][i] for s in samples]))
-    return {"source_pixel_values": source, "target_pixel_values": target}
+    batch = {"source_pixel_values": source, "target_pixel_values": target}
+    for key in ("source_geometry", "target_geometry"):
+        if key in samples[0]:
+            batch[key] = [torch.stack([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
+    return batch
 
 
 def channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -221,24 +264,18 @@ def _rand_augment(mean) -> Callable:
     return rand_augment_transform(RAND_AUGMENT, {"translate_const": 100, "img_mean": fill})
 
 
-def _photometric(view: RecipeView, size, scale, mean, std, num_channels, rand_augment) -> v2.Compose:
+def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) -> v2.Compose:
+    """The colour and blur steps of a recipe, applied after the crop and flip (``ViewRecipe``)."""
     brightness, contrast, saturation, hue = view.color_jitter
     if num_channels == 1:
         saturation, hue = 0.0, 0.0  # no colour to change in a grayscale image
-    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
-    if rand_augment is not None:
-        steps.append(rand_augment)
+    steps = [rand_augment] if rand_augment is not None else []
     steps += [
         v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=view.blur_probability),
         v2.RandomSolarize(threshold=128, p=view.solarize_probability),
     ]
-    return v2.Compose(steps + _to_normalised_tensor(mean, std))
-
-
-def _geometric_only(size, scale, mean, std) -> v2.Compose:
-    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
     return v2.Compose(steps + _to_normalised_tensor(mean, std))
 
 

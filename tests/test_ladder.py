@@ -134,3 +134,77 @@ def test_invalid_ladder_config(fields, message):
 def test_ladder_must_end_at_the_last_level():
     with pytest.raises(ValueError, match=r"`ladder_levels` must end with the last level .* \(4\)"):
         SiameseForPreTraining(tiny_config("byol", ladder_levels=[1, 2]))
+
+
+def dense_config(framework="byol", **fields):
+    return tiny_config(framework, **{"ladder_levels": [2, 3, 4], "ladder_dense_weight": 0.5, **fields})
+
+
+@pytest.mark.parametrize("framework", ["moco", "byol", "simsiam"])
+def test_dense_term_adds_to_the_loss_and_trains_the_cell_heads(framework):
+    config = dense_config(framework, **({"queue_size": 16} if framework == "moco" else {}))
+    model = SiameseForPreTraining(config).train()
+    batch = batch_for(config, count=4)
+    assert len(batch["source_geometry"]) == len(batch["source_pixel_values"])
+    output = model(**batch)
+    assert output.dense_loss is not None and torch.isfinite(output.dense_loss)
+    expected = output.global_loss + 0.5 * output.dense_loss
+    assert torch.allclose(output.loss, expected)
+    output.loss.backward()
+    assert all(p.grad is not None for p in model.dense_projectors.parameters())
+    assert all(p.grad is None for p in model.target_dense_projectors.parameters())
+
+
+def test_dense_target_heads_follow_the_ema():
+    model = SiameseForPreTraining(dense_config("mocov3"))
+    with torch.no_grad():
+        for param in model.dense_projectors.parameters():
+            param.add_(1.0)
+    before = [p.clone() for p in model.target_dense_projectors.parameters()]
+    model.momentum_update(0.0)
+    assert all(torch.equal(t, s) for t, s in zip(model.target_dense_projectors.parameters(),
+                                                  model.dense_projectors.parameters()))
+    assert not all(torch.equal(t, b) for t, b in zip(model.target_dense_projectors.parameters(), before))
+
+
+def test_dense_term_pulls_matched_cells_together():
+    """With identical views (same geometry), minimising the dense term alone makes matched cells agree."""
+    torch.manual_seed(0)
+    config = dense_config("simsiam", ladder_levels=[3, 4], ladder_weights=[1.0, 0.0])
+    model = SiameseForPreTraining(config).train()
+    view = torch.randn(8, 3, 32, 32)
+    geometry = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).expand(8, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        output = model([view, view], [view, view], [geometry, geometry], [geometry, geometry])
+        optimizer.zero_grad()
+        output.dense_loss.backward()
+        optimizer.step()
+        losses.append(output.dense_loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_dense_needs_geometry_and_no_scalemix():
+    model = SiameseForPreTraining(dense_config())
+    source, target = global_views(model.config)
+    with pytest.raises(ValueError, match="`source_geometry`"):
+        model(source, target)
+    with pytest.raises(ValueError, match="`ladder_dense_weight`.*ScaleMix"):
+        dense_config(scalemix=True)
+
+
+def test_dense_on_vit_and_with_mean_encoding():
+    config = tiny_config("byol", backbone="vit_tiny_patch16_224", ladder_levels=[1, 2], ladder_dense_weight=1.0,
+                         mean_encoding=True)
+    model = SiameseForPreTraining(config).train()
+    output = model(**batch_for(config, count=4))
+    assert torch.isfinite(output.loss) and output.dense_loss is not None
+    output.loss.backward()
+
+
+def test_dense_checkpoint_loads_as_an_encoder(tmp_path):
+    model = SiameseForPreTraining(dense_config())
+    model.save_pretrained(tmp_path)
+    encoder, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(encoder, SiameseModel) and not info["unexpected_keys"] and not info["missing_keys"]

@@ -41,3 +41,14 @@ def test_extract_features_from_a_dataset():
     assert result.features.shape == (5, 512) and result.labels.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="`label_column` 'target'"):
         extract_features(model, dataset, label_column="target", progress=False)
+
+
+def test_extract_features_per_level():
+    model = SiameseModel(tiny_config())
+    dataset = datasets.Dataset.from_dict(
+        {"image": structured_images(3), "label": [0, 1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    result = extract_features(model, dataset, progress=False, levels=[1, 2, 4])
+    assert {level: tuple(f.shape) for level, f in result.levels.items()} == {1: (3, 64), 2: (3, 128), 4: (3, 512)}
+    assert torch.allclose(result.levels[4], result.features, atol=1e-6)  # ResNet: last stage pooled = pooler

@@ -177,3 +177,12 @@ def test_variance_is_logged_on_its_own_cadence(parquet_files, tmp_path):
     assert [r["step"] for r in variance] == [2, 4]
     assert all(0 < r["variance/source"] and 0 < r["variance/target"] for r in variance)
     assert [r["step"] for r in records if "loss" in r] == [3, 4]
+
+
+def test_ladder_with_dense_term_trains_and_logs_level_losses(parquet_files, tmp_path):
+    run(common_args(parquet_files, tmp_path, "--framework", "byol", "--ladder_levels", "[2, 3, 4]",
+                    "--ladder_dense_weight", "0.5", "--max_steps", "2"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert {"level_loss/2", "level_loss/3", "level_loss/4", "dense_loss"} <= set(record)
+        assert all(np.isfinite(record[key]) for key in ("level_loss/2", "dense_loss"))

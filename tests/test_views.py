@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from images import structured_images
+from PIL import Image
+from torchvision.transforms import v2
 
-from hf_siamese.views import MultiViewTransform, collate_views, scale_mix
+from hf_siamese.views import MultiViewTransform, ViewRecipe, collate_views, scale_mix
 
 IMAGE = structured_images(1)[0]
 
@@ -55,21 +58,45 @@ def test_scale_mix_with_probability_one_changes_every_source_view():
 
 def test_asym_aug_target_is_crop_and_flip_only():
     transform = MultiViewTransform.from_config(tiny_config("byol", asym_aug=True))
-    steps = [type(step).__name__ for step in transform.global_target[0].transforms]
-    assert steps == ["RandomResizedCrop", "RandomHorizontalFlip", "ToImage", "ToDtype", "Normalize"]
-    assert transform.global_target[0].transforms[0].scale == (0.08, 1.0)
-    source_steps = [type(step).__name__ for step in transform.global_source[0].transforms]
+    steps = [type(step).__name__ for step in transform.global_target[0].photometric.transforms]
+    assert steps == ["ToImage", "ToDtype", "Normalize"]
+    assert transform.global_target[0].scale == (0.08, 1.0)
+    source_steps = [type(step).__name__ for step in transform.global_source[0].photometric.transforms]
     assert "RandAugment" in source_steps
 
 
 def test_multicrop_switches_global_scale_and_local_scale():
     transform = MultiViewTransform.from_config(tiny_config("moco", multicrop=True, multicrop_local_size=16))
-    assert transform.global_source[0].transforms[0].scale == (0.14, 1.0)
-    assert transform.local_source.transforms[0].scale == (0.05, 0.14)
-    assert transform.local_source.transforms[0].size == (16, 16)
+    assert transform.global_source[0].scale == (0.14, 1.0)
+    assert transform.local_source.scale == (0.05, 0.14)
+    assert transform.local_source.size == 16
     baseline = MultiViewTransform.from_config(tiny_config("moco"))
-    assert baseline.global_source[0].transforms[0].scale == (0.2, 1.0)
-    assert MultiViewTransform.from_config(tiny_config("byol")).global_source[0].transforms[0].scale == (0.08, 1.0)
+    assert baseline.global_source[0].scale == (0.2, 1.0)
+    assert MultiViewTransform.from_config(tiny_config("byol")).global_source[0].scale == (0.08, 1.0)
+
+
+def test_views_report_their_crop_geometry_when_asked():
+    config = tiny_config("byol", ladder_levels=[3, 4], ladder_dense_weight=1.0)
+    image = structured_images(1, size=40)[0]
+    views = MultiViewTransform.from_config(config)(image)
+    assert len(views["source_geometry"]) == 2 and len(views["target_geometry"]) == 2
+    for geometry in views["source_geometry"]:
+        top, left, height, width, flipped = geometry.tolist()
+        assert 0 <= top and 0 <= left and top + height <= 1 + 1e-6 and left + width <= 1 + 1e-6
+        assert flipped in (0.0, 1.0)
+    assert "source_geometry" not in MultiViewTransform.from_config(tiny_config("byol"))(image)
+
+
+def test_view_geometry_describes_the_crop():
+    # A left-to-right ramp: the mean of a crop tells where it was taken and whether it was flipped.
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 64).astype("uint8"), (64, 1)), "L")
+    recipe = ViewRecipe(16, (0.1, 0.5), v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))
+    torch.manual_seed(0)
+    for _ in range(10):
+        view, geometry = recipe.with_geometry(ramp)
+        top, left, height, width, flipped = geometry.tolist()
+        assert view[0, 0, 0 if not flipped else -1].item() == pytest.approx(left, abs=0.05)
+        assert view[0, 0, -1 if not flipped else 0].item() == pytest.approx(left + width, abs=0.05)
 
 
 def test_grayscale_images_and_models():
