@@ -376,7 +376,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 passes.append([view])
         outputs = {}
         for group in passes:
-            for key, (projection, prediction) in self._project_source(torch.cat(group)).items():
+            pixels = torch.cat(group) if len(group) > 1 else group[0]
+            for key, (projection, prediction) in self._project_source(pixels).items():
                 projections, predictions = outputs.setdefault(key, ([], []))
                 projections.extend(projection.chunk(len(group)))
                 predictions.extend(prediction.chunk(len(group)))
