@@ -121,7 +121,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers("hf_siamese", config={**asdict(args), **asdict(data_args), "framework": config.framework})
-    monitor = _variance_monitor(args, raw, transform, config)
+    monitor = _variance_monitor(args, raw, transform, config, data_args.image_column)
 
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
@@ -290,10 +290,11 @@ def _steps_from_epochs(args: PretrainingArguments, steps_per_epoch: int | None) 
     return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
 
 
-def _variance_monitor(args: PretrainingArguments, raw, transform: MultiViewTransform, config: SiameseConfig):
+def _variance_monitor(args: PretrainingArguments, raw, transform: MultiViewTransform, config: SiameseConfig,
+                      image_column: str | None):
     if not args.variance_steps:
         return None
-    images = probe_images(raw, args.variance_probe_size, config.num_channels)
+    images = probe_images(raw, args.variance_probe_size, config.num_channels, image_column)
     return VarianceMonitor.from_view_transform(images, transform)
 
 

@@ -186,3 +186,13 @@ def test_ladder_with_dense_term_trains_and_logs_level_losses(parquet_files, tmp_
     for record in records:
         assert {"level_loss/2", "level_loss/3", "level_loss/4", "dense_loss"} <= set(record)
         assert all(np.isfinite(record[key]) for key in ("level_loss/2", "dense_loss"))
+
+
+def test_variance_probe_reads_the_configured_image_column(tmp_path):
+    features = datasets.Features({"photo": datasets.Image(), "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"photo": structured_images(16), "label": list(range(16))}, features=features)
+    dataset.to_parquet(str(tmp_path / "train.parquet"))
+    run(common_args(str(tmp_path / "train.parquet"), tmp_path / "out", "--framework", "byol", "--max_steps", "1",
+                    "--image_column", "photo", "--variance_steps", "1", "--variance_probe_size", "4"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("variance/ratio" in record for record in records)
