@@ -17,6 +17,7 @@ from .training import PretrainingArguments
 
 # The model's own fields (not PreTrainedConfig's generic ones): what a recipe may set about the model.
 MODEL_FIELDS = tuple(name for name in SiameseConfig.__annotations__ if not name.startswith("_"))
+ARGUMENT_FIELDS = frozenset(f.name for cls in (DataArguments, PretrainingArguments) for f in dataclasses.fields(cls))
 
 
 def pretraining_parser() -> HfArgumentParser:
@@ -35,8 +36,7 @@ def parse_pretraining_args(argv: list[str] | None = None) -> tuple[SiameseConfig
     parser = pretraining_parser()
     known, _ = parser.parse_known_args(argv)  # to find --config first
     recipe = load_recipe(known.config) if known.config else {}
-    dataclass_fields = {f.name for cls in (DataArguments, PretrainingArguments) for f in dataclasses.fields(cls)}
-    parser.set_defaults(**{k: v for k, v in recipe.items() if k in dataclass_fields})
+    parser.set_defaults(**{k: v for k, v in recipe.items() if k in ARGUMENT_FIELDS})
     # Returns the two dataclasses, then a namespace of the other options (--config, the model fields) when any
     # is set, then the unrecognised strings.
     *outputs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -57,8 +57,7 @@ def load_recipe(path: Path) -> dict:
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"Recipe {path} must be a mapping of field: value.")
-    known = set(MODEL_FIELDS) | {f.name for cls in (DataArguments, PretrainingArguments) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(recipe) - known)
+    unknown = sorted(set(recipe) - set(MODEL_FIELDS) - ARGUMENT_FIELDS)
     if unknown:
         raise ValueError(f"Unknown field(s) {unknown} in recipe {path}; see `run_pretraining.py --help`.")
     return recipe
