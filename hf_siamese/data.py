@@ -8,6 +8,7 @@ sample's augmentation draws from its own seed (seed, epoch, rank, worker, positi
 replays exactly the same views whatever the model did with the global random state.
 """
 
+import dataclasses
 import io
 import multiprocessing
 import random
@@ -49,6 +50,27 @@ class DataArguments:
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Labelled held-out split of `dataset_name` for the online kNN (eval_steps)."}
+    )
+    eval_data_files: str | None = field(
+        default=None, metadata={"help": "Local labelled held-out files for the online kNN (instead of eval_split)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column of the online kNN's data."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Online kNN: first N held-out images."})
+    knn_bank_size: int = field(
+        default=10_000, metadata={"help": "Online kNN: labelled training images in the memory bank."}
+    )
+
+    def held_out(self) -> "DataArguments":
+        """The arguments that load the labelled held-out data of the online kNN."""
+        if self.eval_data_files:
+            return DataArguments(data_files=self.eval_data_files, max_train_samples=self.max_eval_samples)
+        if self.eval_split and self.dataset_name:
+            return DataArguments(dataset_name=self.dataset_name, dataset_config=self.dataset_config,
+                                 split=self.eval_split, streaming=self.streaming, max_train_samples=self.max_eval_samples)
+        raise ValueError("The online kNN (`eval_steps`) needs held-out labelled data: set `eval_split` (with "
+                         "`dataset_name`) or `eval_data_files`.")
 
 
 def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
@@ -73,6 +95,18 @@ def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.Iterabl
             dataset = dataset.take(args.max_train_samples)
         else:
             dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+def load_labelled(args: DataArguments, count: int | None = None) -> datasets.Dataset:
+    """The first ``count`` examples (all when ``None``) of ``args``'s data as a map-style dataset.
+
+    A streamed dataset is read only that far and materialised, so a kNN bank of a streamed corpus stays cheap.
+    """
+    args = dataclasses.replace(args, max_train_samples=count if count is not None else args.max_train_samples)
+    dataset = load_raw_dataset(args)
+    if isinstance(dataset, datasets.IterableDataset):
+        dataset = datasets.Dataset.from_list(list(dataset), features=dataset.features)
     return dataset
 
 

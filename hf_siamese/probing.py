@@ -1,73 +1,159 @@
-"""Evaluating a frozen encoder: feature extraction and the weighted kNN classifier.
+"""Evaluating a frozen encoder: feature extraction, the weighted kNN classifier and linear probes.
 
-kNN follows Wu et al. (2018) as used by DINO/solo-learn: cosine similarity on L2-normalised features, the top
-``k`` neighbours vote for their label with weight ``exp(sim / T)``.
+* kNN follows Wu et al. (2018) as used by DINO/solo-learn: cosine similarity on L2-normalised features, the top
+  ``k`` neighbours vote for their label with weight ``exp(sim / T)``.
+* Linear probes train one ``nn.Linear`` per probed level (the final pooled features, or a stage's pooled features
+  as in mmselfsup's feature1-5), initialised N(0, 0.01) with zero bias, on features of an encoder that stays in
+  eval mode and never changes (:class:`FrozenEncoderCheck` proves it). ``cached``: features extracted once without
+  augmentation. ``augmented``: every epoch RandomResizedCrop + flip through the encoder (SimSiam, MoCo v3).
 """
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import pool_stage
+from .configuration_siamese import SiameseConfig
 from .data import decode_image, find_image_column
-from .views import eval_transform, image_mode
+from .optim import build_optimizer, build_scheduler, scaled_learning_rate
+from .views import eval_transform, image_mode, linear_probe_transform
+
+LAST = "last"
+Level = int | str  # a 1-based stage index, or LAST for the encoder's pooled output
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an encoder expects as input: resolution, channels and the normalisation it was trained with."""
+
+    image_size: int
+    num_channels: int
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_model(cls, model, image_processor=None) -> "InputSpec":
+        """From an hf_siamese config, else from the checkpoint's image processor (transformers or timm-wrapped)."""
+        config = model.config
+        if isinstance(config, SiameseConfig):
+            return cls(config.image_size, config.num_channels, config.image_mean, config.image_std)
+        if image_processor is None:
+            raise ValueError(
+                f"{type(model).__name__} is not an hf_siamese model, so its input resolution and normalisation come "
+                "from its image processor, and the checkpoint has none (no preprocessor_config.json)."
+            )
+        data_config = getattr(image_processor, "data_config", None)  # timm-wrapped models
+        if data_config is not None:
+            channels, height, _ = data_config["input_size"]
+            return cls(height, channels, tuple(data_config["mean"]), tuple(data_config["std"]))
+        size = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
+        size = size or image_processor.size
+        image_size = size.get("height") or size.get("shortest_edge")
+        return cls(image_size, getattr(config, "num_channels", 3), tuple(image_processor.image_mean),
+                   tuple(image_processor.image_std))
+
+    def eval_transform(self, crop_pct: float = 1.0):
+        return eval_transform(self.image_size, self.num_channels, self.image_mean, self.image_std, crop_pct)
+
+    def train_transform(self):
+        return linear_probe_transform(self.image_size, self.num_channels, self.image_mean, self.image_std)
+
+
+class LabelledImages(Dataset):
+    """``(pixels, label)`` pairs of a map-style dataset; an undecodable image is an error naming its row."""
+
+    def __init__(self, dataset, transform: Callable, *, num_channels: int, label_column: str = "label",
+                 image_column: str | None = None):
+        if label_column not in dataset.column_names:
+            raise ValueError(
+                f"`label_column` {label_column!r} is not in the dataset; its columns are {dataset.column_names}."
+            )
+        self.dataset = dataset
+        self.transform = transform
+        self.mode = image_mode(num_channels)
+        self.label_column = label_column
+        self.image_column = find_image_column(list(dataset.column_names), image_column)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.dataset[index]
+        image = decode_image(row[self.image_column], self.mode)
+        if image is None:
+            raise ValueError(f"Row {index} of the evaluation data: column {self.image_column!r} is not a decodable image.")
+        return self.transform(image), int(row[self.label_column])
 
 
 @dataclass
 class Features:
-    features: torch.Tensor  # [N, D], float32
+    features: torch.Tensor  # [N, D], float32: the encoder's pooled output
     labels: torch.Tensor  # [N], int64
     levels: dict[int, torch.Tensor] | None = None  # level -> [N, C_level], pooled stage features
+
+    def at(self, level: Level) -> torch.Tensor:
+        """The features of ``level`` (:data:`LAST` or a stage index)."""
+        return self.features if level == LAST else self.levels[level]
+
+
+def encode(model, pixel_values: torch.Tensor, stages: Iterable[int] = ()) -> dict[Level, torch.Tensor]:
+    """Pooled features ``{LAST: [B, D], stage: [B, C_stage], ...}`` of a batch through an encoder in eval mode.
+
+    ``LAST`` is an hf_siamese or timm-wrapped model's ``pooler_output``; for other transformers models the pooler
+    output flattened, or else the class token / spatial mean of ``last_hidden_state``. Stage features need an
+    hf_siamese model (its ``hidden_states`` are the backbone stages).
+    """
+    stages = list(stages)
+    output = model(pixel_values, output_hidden_states=True) if stages else model(pixel_values)
+    features: dict[Level, torch.Tensor] = {LAST: _pooled_output(output)}
+    for stage in stages:
+        features[stage] = pool_stage(output.hidden_states[stage - 1], model.backbone, model.config.ladder_vit_pooling)
+    return features
+
+
+def _pooled_output(output) -> torch.Tensor:
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled.flatten(1)
+    hidden = output.last_hidden_state
+    return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden[:, 0]
 
 
 @torch.no_grad()
 def extract_features(model, dataset, *, label_column: str = "label", image_column: str | None = None,
                      batch_size: int = 256, num_workers: int = 0, progress: bool = True,
-                     levels: list[int] | None = None) -> Features:
+                     levels: list[int] | None = None, transform: Callable | None = None,
+                     input_spec: InputSpec | None = None) -> Features:
     """Pooled features of every image of a map-style ``dataset`` through a frozen encoder in eval mode.
 
-    ``model`` is a :class:`SiameseModel` (or anything returning ``pooler_output``); images are resized to its
-    config's ``image_size`` and normalised with its ``image_mean``/``image_std``. ``levels`` (1-based positions
-    in ``hidden_states``) also collects those stages' pooled features, for a multi-level probe.
+    Images go through ``transform``, by default ``input_spec``'s (by default the model's) evaluation transform.
+    ``levels`` (1-based stage indices of an hf_siamese model) also collects those stages' pooled features.
     """
-    config = model.config
-    column = find_image_column(list(dataset.column_names), image_column)
-    if label_column not in dataset.column_names:
-        raise ValueError(f"`label_column` {label_column!r} is not in the dataset; its columns are {dataset.column_names}.")
-    transform = eval_transform(config.image_size, config.num_channels, config.image_mean, config.image_std)
-    mode = image_mode(config.num_channels)
-
-    def collate(rows):
-        images, labels = [], []
-        for row in rows:
-            image = decode_image(row[column], mode)
-            if image is None:
-                raise ValueError(f"An evaluation image could not be decoded (label {row[label_column]!r}).")
-            images.append(transform(image))
-            labels.append(int(row[label_column]))
-        return torch.stack(images), torch.tensor(labels)
-
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    spec = input_spec or InputSpec.from_model(model)
+    images = LabelledImages(dataset, transform or spec.eval_transform(), num_channels=spec.num_channels,
+                            label_column=label_column, image_column=image_column)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     model.eval()
     device = next(model.parameters()).device
-    features, labels, level_features = [], [], {level: [] for level in levels or []}
+    chunks: dict[Level, list[torch.Tensor]] = {level: [] for level in [LAST, *(levels or [])]}
+    labels = []
     for pixels, batch_labels in tqdm(loader, desc="features", disable=not progress):
-        output = model(pixels.to(device), output_hidden_states=bool(levels))
-        features.append(output.pooler_output.float().cpu())
-        for level in level_features:
-            pooled = pool_stage(output.hidden_states[level - 1], model.backbone, config.ladder_vit_pooling)
-            level_features[level].append(pooled.float().cpu())
+        for level, pooled in encode(model, pixels.to(device), levels or []).items():
+            chunks[level].append(pooled.float().cpu())
         labels.append(batch_labels)
-    stacked_levels = {level: torch.cat(chunks) for level, chunks in level_features.items()} if levels else None
-    return Features(torch.cat(features), torch.cat(labels), stacked_levels)
+    stacked = {level: torch.cat(parts) for level, parts in chunks.items()}
+    last = stacked.pop(LAST)
+    return Features(last, torch.cat(labels), stacked if levels else None)
 
 
 def knn_classify(train: Features, test_features: torch.Tensor, *, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Predicted labels of ``test_features`` by weighted kNN over ``train``.
+                 num_classes: int | None = None, chunk_size: int = 1024, level: Level = LAST) -> torch.Tensor:
+    """Predicted labels of ``test_features`` by weighted kNN over ``train``'s features of ``level``.
 
     Example:
         >>> bank = Features(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), torch.tensor([0, 0, 1]))
@@ -75,7 +161,7 @@ def knn_classify(train: Features, test_features: torch.Tensor, *, k: int = 20, t
         [0, 1]
     """
     num_classes = num_classes or int(train.labels.max()) + 1
-    bank = F.normalize(train.features, dim=1)
+    bank = F.normalize(train.at(level), dim=1)
     k = min(k, len(bank))
     predictions = []
     for queries in F.normalize(test_features, dim=1).split(chunk_size):
@@ -84,3 +170,164 @@ def knn_classify(train: Features, test_features: torch.Tensor, *, k: int = 20, t
         votes.scatter_add_(1, train.labels[index], (similarity / temperature).exp())
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
+
+
+class ProbeHeads(nn.Module):
+    """One linear classifier per probed level, initialised N(0, 0.01) with zero bias (SimSiam, MoCo v3).
+
+    With ``batchnorm`` each head first standardises its features with a BatchNorm without affine parameters
+    (MAE, He et al. 2022): still a linear classifier (the frozen statistics fold into the weights), but one
+    learning rate then suits every model and level whatever the scale of its features.
+    """
+
+    def __init__(self, feature_dims: dict[Level, int], num_classes: int, batchnorm: bool = True):
+        super().__init__()
+        self.heads = nn.ModuleDict({str(level): _head(dim, num_classes, batchnorm) for level, dim in feature_dims.items()})
+        self.levels = list(feature_dims)
+
+    def forward(self, features: dict[Level, torch.Tensor]) -> dict[Level, torch.Tensor]:
+        return {level: self.heads[str(level)](features[level]) for level in self.levels}
+
+    def linear(self, level: Level) -> nn.Linear:
+        return self.heads[str(level)][-1]
+
+
+def _head(dim: int, num_classes: int, batchnorm: bool) -> nn.Sequential:
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if batchnorm else nn.Sequential(linear)
+
+
+@dataclass
+class ProbeSchedule:
+    """How the linear heads are trained; ``learning_rate`` is per 256 examples (scaled by the batch size)."""
+
+    epochs: int = 90
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batchnorm: bool = True
+    seed: int = 0
+
+
+def fit_heads(heads: ProbeHeads, epoch_batches: Callable[[int], Iterator[tuple[dict, torch.Tensor]]],
+              steps_per_epoch: int, schedule: ProbeSchedule, progress: bool = True) -> float:
+    """Train ``heads`` with the summed cross-entropy of every level; cosine schedule per step. Returns the last loss.
+
+    ``epoch_batches(epoch)`` yields ``(features by level, labels)``.
+    """
+    learning_rate = scaled_learning_rate(schedule.learning_rate, schedule.batch_size, scale=True)
+    optimizer = build_optimizer(heads, schedule.optimizer, learning_rate, schedule.weight_decay,
+                                momentum=schedule.momentum)
+    scheduler = build_scheduler(optimizer, "cosine", schedule.epochs * steps_per_epoch, 0)
+    heads.train()
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(total=schedule.epochs * steps_per_epoch, desc="linear probe", disable=not progress)
+    for epoch in range(schedule.epochs):
+        for features, labels in epoch_batches(epoch):
+            logits = heads(features)
+            loss = sum(F.cross_entropy(level_logits, labels) for level_logits in logits.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    heads.eval()
+    return loss.item()
+
+
+def fit_cached_probe(train: Features, levels: list[Level], num_classes: int, schedule: ProbeSchedule,
+                     progress: bool = True) -> ProbeHeads:
+    """Linear heads trained on features extracted once (the fast protocol)."""
+    heads = ProbeHeads({level: train.at(level).shape[1] for level in levels}, num_classes, schedule.batchnorm)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    count = len(train.labels)
+
+    def epoch_batches(epoch: int):
+        for index in torch.randperm(count, generator=generator).split(schedule.batch_size):
+            yield {level: train.at(level)[index] for level in levels}, train.labels[index]
+
+    fit_heads(heads, epoch_batches, -(-count // schedule.batch_size), schedule, progress)
+    return heads
+
+
+def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_classes: int,
+                        schedule: ProbeSchedule, num_workers: int = 0, progress: bool = True) -> ProbeHeads:
+    """Linear heads trained on freshly augmented views every epoch, through the frozen encoder in eval mode."""
+    device = next(model.parameters()).device
+    stages = [level for level in levels if level != LAST]
+    model.eval()
+    with torch.no_grad():
+        probe_batch = next(iter(DataLoader(images, batch_size=2)))[0].to(device)
+        features = encode(model, probe_batch, stages)
+    dims = {level: features[level].shape[1] for level in levels}
+    heads = ProbeHeads(dims, num_classes, schedule.batchnorm).to(device)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    loader = DataLoader(images, batch_size=schedule.batch_size, shuffle=True, num_workers=num_workers,
+                        generator=generator)
+
+    def epoch_batches(epoch: int):
+        for pixels, labels in loader:
+            with torch.no_grad():
+                features = encode(model, pixels.to(device), stages)
+            yield {level: features[level].float() for level in levels}, labels.to(device)
+
+    fit_heads(heads, epoch_batches, len(loader), schedule, progress)
+    return heads
+
+
+@torch.no_grad()
+def predict(heads: ProbeHeads, features: Features) -> dict[Level, torch.Tensor]:
+    """Logits of every head on ``features`` (CPU)."""
+    heads = heads.cpu().eval()
+    return heads({level: features.at(level) for level in heads.levels})
+
+
+class FrozenEncoderCheck:
+    """A copy of every weight and buffer (BN statistics included), to prove that probing changed none of them."""
+
+    def __init__(self, model: nn.Module):
+        self.snapshot = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    def verify(self, model: nn.Module) -> None:
+        """Raise ``RuntimeError`` naming the first tensor that differs from the snapshot."""
+        current = model.state_dict()
+        for name, before in self.snapshot.items():
+            if not torch.equal(before, current[name]):
+                raise RuntimeError(f"The encoder changed during probing: {name!r} differs from its value before.")
+
+
+class OnlineKNN:
+    """kNN top-1 of the encoder being trained, measured every ``eval_steps`` (the solo-learn/lightly habit).
+
+    The bank (labelled training images) and the held-out queries are fixed; features are re-extracted each time
+    with the evaluation transform, in eval mode, and the encoder's train/eval mode is restored afterwards.
+    """
+
+    def __init__(self, bank, queries, *, label_column: str = "label", image_column: str | None = None, k: int = 20,
+                 temperature: float = 0.07, batch_size: int = 256):
+        for name, dataset in (("training", bank), ("held-out", queries)):
+            if label_column not in dataset.column_names:
+                raise ValueError(f"The online kNN needs labels: `label_column` {label_column!r} is not in the {name} "
+                                 f"data (columns {dataset.column_names}).")
+        self.bank, self.queries = bank, queries
+        self.extract = dict(label_column=label_column, image_column=image_column, batch_size=batch_size,
+                            progress=False)
+        self.k, self.temperature = k, temperature
+
+    def measure(self, encoder) -> float:
+        was_training = encoder.training
+        # fork_rng: creating DataLoader iterators draws from the global generator; training must not notice.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                bank = extract_features(encoder, self.bank, **self.extract)
+                queries = extract_features(encoder, self.queries, **self.extract)
+            finally:
+                encoder.train(was_training)
+        predictions = knn_classify(bank, queries.features, k=self.k, temperature=self.temperature)
+        return (predictions == queries.labels).float().mean().item()

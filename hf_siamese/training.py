@@ -21,9 +21,10 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .configuration_siamese import SiameseConfig
-from .data import DataArguments, PretrainingData, load_raw_dataset, probe_images
+from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
+from .probing import OnlineKNN
 from .variance import VarianceMonitor
 from .views import MultiViewTransform, channel_stats
 
@@ -69,6 +70,11 @@ class PretrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
     variance_steps: int = field(default=0, metadata={"help": "Log source/target variance every N steps (0: off)."})
     variance_probe_size: int = field(default=64, metadata={"help": "Probe images for the variance monitor."})
+    eval_steps: int = field(
+        default=0, metadata={"help": "Online kNN top-1 on the held-out split every N steps (0: off; see eval_split)."}
+    )
+    knn_k: int = field(default=20, metadata={"help": "Online kNN neighbours."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Online kNN vote temperature."})
 
 
 @dataclass
@@ -122,6 +128,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers("hf_siamese", config={**asdict(args), **asdict(data_args), "framework": config.framework})
     monitor = _variance_monitor(args, raw, transform, config, data_args.image_column)
+    online_knn = _online_knn(args, data_args, accelerator)
 
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
@@ -162,6 +169,10 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
             metrics.log(record)
         if monitor is not None and step % args.variance_steps == 0:
             metrics.log({"step": step, **monitor.measure(unwrapped).as_dict()})
+        if online_knn is not None and (step % args.eval_steps == 0 or step == total_steps):
+            if accelerator.is_main_process:
+                metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
+            accelerator.wait_for_everyone()
         if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < total_steps:
             save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1, args.checkpoints_total_limit)
     metrics.close()
@@ -296,6 +307,21 @@ def _variance_monitor(args: PretrainingArguments, raw, transform: MultiViewTrans
         return None
     images = probe_images(raw, args.variance_probe_size, config.num_channels, image_column)
     return VarianceMonitor.from_view_transform(images, transform)
+
+
+def _online_knn(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator) -> OnlineKNN | None:
+    """The online kNN evaluator, on the main process only (the other processes wait for it)."""
+    if not args.eval_steps:
+        return None
+    held_out = data_args.held_out()  # raises early, on every process, when no held-out data is configured
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("`eval_steps` (online kNN) needs whole parameters on one process; ZeRO-3 partitions them.")
+    if not accelerator.is_main_process:
+        return None
+    bank = load_labelled(data_args, data_args.knn_bank_size)
+    return OnlineKNN(bank, load_labelled(held_out), label_column=data_args.label_column,
+                     image_column=data_args.image_column, k=args.knn_k, temperature=args.knn_temperature,
+                     batch_size=args.per_device_train_batch_size)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch: int, batches_done: int,

@@ -279,7 +279,26 @@ def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) 
     return v2.Compose(steps + _to_normalised_tensor(mean, std))
 
 
-def eval_transform(image_size: int, num_channels: int, image_mean=None, image_std=None) -> v2.Compose:
-    """Deterministic evaluation view: resize to the trained resolution and normalise as in training."""
+def eval_transform(image_size: int, num_channels: int, image_mean=None, image_std=None,
+                   crop_pct: float = 1.0) -> v2.Compose:
+    """Deterministic evaluation view, normalised as in training.
+
+    ``crop_pct=1`` resizes the whole image to ``image_size``; below 1 it is the ImageNet protocol: resize the
+    short side to ``image_size / crop_pct`` (256 for 224 at 0.875), then take the central ``image_size`` square.
+    """
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"`crop_pct` must be in (0, 1], got {crop_pct}.")
     mean, std = channel_stats(num_channels, image_mean, image_std)
-    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *_to_normalised_tensor(mean, std)])
+    if crop_pct == 1:
+        geometry = [v2.Resize((image_size, image_size), antialias=True)]
+    else:
+        geometry = [v2.Resize(round(image_size / crop_pct), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([*geometry, *_to_normalised_tensor(mean, std)])
+
+
+def linear_probe_transform(image_size: int, num_channels: int, image_mean=None, image_std=None) -> v2.Compose:
+    """Training view of the augmented linear probe (SimSiam, MoCo v3): RandomResizedCrop + flip, no colour."""
+    mean, std = channel_stats(num_channels, image_mean, image_std)
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *_to_normalised_tensor(mean, std)
+    ])

@@ -5,7 +5,16 @@ from conftest import tiny_config
 from images import structured_images
 
 from hf_siamese import SiameseModel
-from hf_siamese.probing import Features, extract_features, knn_classify
+from hf_siamese.metrics import classification_accuracy
+from hf_siamese.probing import (
+    Features,
+    FrozenEncoderCheck,
+    ProbeSchedule,
+    extract_features,
+    fit_cached_probe,
+    knn_classify,
+    predict,
+)
 
 
 def test_knn_separates_two_clusters():
@@ -52,3 +61,47 @@ def test_extract_features_per_level():
     result = extract_features(model, dataset, progress=False, levels=[1, 2, 4])
     assert {level: tuple(f.shape) for level, f in result.levels.items()} == {1: (3, 64), 2: (3, 128), 4: (3, 512)}
     assert torch.allclose(result.levels[4], result.features, atol=1e-6)  # ResNet: last stage pooled = pooler
+
+
+def test_linear_probe_learns_a_linearly_separable_problem():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 32, generator=generator)
+
+    def sample(count):
+        labels = torch.randint(0, 4, (count,), generator=generator)
+        return Features(3 * directions[labels] + torch.randn(count, 32, generator=generator), labels)
+
+    train, test = sample(400), sample(200)
+    heads = fit_cached_probe(train, ["last"], 4, ProbeSchedule(epochs=20, batch_size=64, learning_rate=0.4),
+                             progress=False)
+    assert heads.linear("last").bias.abs().sum() > 0  # trained, not left at its zero init
+    accuracy = classification_accuracy(predict(heads, test)["last"], test.labels)["top1"]
+    assert accuracy >= 0.99
+
+
+def test_probe_heads_start_at_n_0_001_with_zero_bias():
+    train = Features(torch.randn(10, 2048), torch.arange(10))
+    heads = fit_cached_probe(train, ["last"], 1000, ProbeSchedule(epochs=1, learning_rate=0.0), progress=False)
+    linear = heads.linear("last")
+    assert linear.weight.std().item() == pytest.approx(0.01, rel=0.02) and linear.bias.abs().max() == 0
+
+
+def test_frozen_encoder_check_catches_a_changed_weight_or_bn_statistic():
+    model = SiameseModel(tiny_config())
+    check = FrozenEncoderCheck(model)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    check.verify(model)  # eval-mode forwards change nothing
+    with torch.no_grad():
+        model.backbone.conv1.weight[0, 0, 0, 0] += 1e-3
+    with pytest.raises(RuntimeError, match="backbone.conv1.weight"):
+        check.verify(model)
+
+    model = SiameseModel(tiny_config())
+    check = FrozenEncoderCheck(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))  # train-mode BN updates its running statistics
+    with pytest.raises(RuntimeError, match="running_mean|running_var|num_batches_tracked"):
+        check.verify(model)

@@ -110,6 +110,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
         assert torch.equal(expected[key], actual[key]), key
 
 
+def test_online_knn_is_logged_and_does_not_change_training(parquet_files, tmp_path):
+    # The parquet's label column numbers the images, so a labelled held-out split is a slice of them.
+    args = ["--framework", "byol", "--max_steps", "4", "--deterministic", "true", "--streaming", "true"]
+    plain = tmp_path / "plain"
+    run(common_args(parquet_files, plain, *args))
+    evaluated = tmp_path / "evaluated"
+    run(common_args(parquet_files, evaluated, *args, "--eval_steps", "3", "--eval_data_files", parquet_files,
+                    "--max_eval_samples", "16", "--knn_bank_size", "32", "--knn_k", "1"))
+    records = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
+    knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
+    assert [step for step, _ in knn] == [3, 4]  # every eval_steps, and at the end
+    # Held-out images 0-15 are also bank images 0-15 with the same label: 1-NN must find them.
+    assert all(value == 1.0 for _, value in knn)
+    expected, actual = load_file(plain / "model.safetensors"), load_file(evaluated / "model.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_online_knn_without_held_out_data_is_refused(parquet_files, tmp_path):
+    with pytest.raises(ValueError, match="set `eval_split`"):
+        run(common_args(parquet_files, tmp_path, "--max_steps", "1", "--eval_steps", "1"))
+
+
 def test_checkpoints_keep_the_last_n_and_ignore_unfinished_saves(parquet_files, tmp_path):
     (tmp_path / ".tmp-checkpoint-99").mkdir(parents=True)  # an interrupted save from an earlier run
     (tmp_path / "checkpoint-98").mkdir()  # no trainer_state.json: incomplete

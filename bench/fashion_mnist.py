@@ -1,0 +1,179 @@
+"""Every recipe on Fashion-MNIST at the same step budget, probed the same way, with its floors beside it.
+
+Each run pretrains on the 60k training images for ``--steps`` optimizer steps (batch 256), then
+``run_linear_probe`` (cached protocol, last level) gives kNN top-1 (k = 20, 200, T = 0.07, bank = the 60k
+training images) and linear-probe top-1/top-5 on the 10k test images. The floors: kNN and logistic regression on
+raw pixels, and the same probes on a randomly initialised encoder. One JSON line per run, appended to
+``--results`` (runs already there are skipped, so an interrupted sweep continues); ``--plot`` draws the loss
+curves and the accuracies as PNG files beside it.
+
+    python bench/fashion_mnist.py [--runs moco_baseline,byol] [--steps 150] [--probe_epochs 90] [--plot]
+
+Scale: the demo's (ResNet-18 at 32 px, one channel, 512 -> 128 heads, batch 256, SGD momentum 0.9, weight decay
+5e-4, cosine). MoCo-family runs use the demo recipe (configs/demo_fashion_mnist.yaml: lr 0.06 per 256, tau 0.2,
+queue 4096, m 0.99); the predictor-based ones (BYOL, Ladder-BYOL, SimSiam, MoCo v3) use lr 0.05 per 256 with a
+10% warm-up and their framework defaults (bench/ladder_fashion_mnist.py). Design settings follow
+configs/asym_moco_*_r50.yaml, with MultiCrop's 96 px local crops scaled to 16 px for 32 px global views.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hf_siamese import SiameseConfig, SiameseModel
+from hf_siamese.cli import MODEL_FIELDS, load_recipe
+from hf_siamese.data import DataArguments
+from hf_siamese.evaluation import ProbeArguments, run_linear_probe, summarise
+from hf_siamese.fashion_mnist import load_fashion_mnist
+from hf_siamese.metrics import classification_accuracy
+from hf_siamese.probing import Features, ProbeSchedule, fit_cached_probe, knn_classify, predict
+from hf_siamese.training import PretrainingArguments, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = load_recipe(ROOT / "configs/demo_fashion_mnist.yaml")
+SCALE = {name: DEMO[name] for name in (
+    "backbone", "image_size", "num_channels", "image_mean", "image_std", "projector_hidden_dim", "projector_dim")}
+MOCO = {name: value for name, value in DEMO.items() if name in MODEL_FIELDS}
+PREDICTOR = {**SCALE, "predictor_hidden_dim": 512}
+MULTICROP = {"multicrop": True, "multicrop_num_local": 6, "multicrop_local_size": 16}
+
+RUNS: dict[str, dict] = {
+    "moco_baseline": MOCO,
+    "moco_multicrop": {**MOCO, **MULTICROP},
+    "moco_scalemix": {**MOCO, "scalemix": True},
+    "moco_asymaug": {**MOCO, "asym_aug": True},
+    "moco_asymbn": {**MOCO, "asym_bn": True},
+    "moco_meanenc": {**MOCO, "mean_encoding": True, "mean_encoding_views": 2},
+    "moco_combined": {**MOCO, **MULTICROP, "scalemix": True, "asym_aug": True, "mean_encoding": True},
+    "byol": {**PREDICTOR, "framework": "byol"},
+    "ladder_byol": {**PREDICTOR, "framework": "byol", "ladder_levels": [1, 2, 3, 4]},
+    "simsiam": {**PREDICTOR, "framework": "simsiam"},
+    "mocov3": {**PREDICTOR, "framework": "mocov3"},
+}
+FLOORS = ("raw_pixels", "random_init")
+
+
+def pretrain(name: str, steps: int, seed: int, output_dir: Path) -> dict:
+    """Pretrain run ``name`` into ``output_dir``; its step time and loss curve."""
+    fields = RUNS[name]
+    moco_family = "queue_size" in fields
+    optimizer = {"learning_rate": DEMO["learning_rate"], "warmup_steps": 0} if moco_family else {
+        "learning_rate": 0.05, "warmup_steps": steps // 10}
+    started = time.time()
+    result = train(
+        SiameseConfig(**fields),
+        DataArguments(dataset_name="fashion_mnist", dataloader_num_workers=2),
+        PretrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=256, max_steps=steps,
+                             optimizer="sgd", weight_decay=5e-4, logging_steps=5, seed=seed, report_to="none",
+                             **optimizer),
+    )
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"pretrain_seconds": round(time.time() - started, 1), "final_loss": round(result.loss, 4),
+            "loss_curve": [[r["step"], round(r["loss"], 4)] for r in records if "loss" in r]}
+
+
+def probe(model_dir: Path, probe_epochs: int) -> dict:
+    results = run_linear_probe(ProbeArguments(
+        model_name_or_path=str(model_dir), dataset_name="fashion_mnist", num_train_epochs=probe_epochs,
+        output_dir=str(model_dir), dataloader_num_workers=2, disable_tqdm=True,
+    ))
+    return summarise(results)
+
+
+def raw_pixel_floor(probe_epochs: int, seed: int) -> dict:
+    """kNN and logistic regression (the same linear probe) on standardised raw pixels."""
+    splits = {}
+    for split in ("train", "test"):
+        dataset = load_fashion_mnist(split).with_format("numpy")
+        pixels = torch.from_numpy(dataset["image"][:]).flatten(1).float() / 255
+        splits[split] = Features((pixels - DEMO["image_mean"][0]) / DEMO["image_std"][0],
+                                 torch.from_numpy(dataset["label"][:]).long())
+    train_set, test_set = splits["train"], splits["test"]
+    summary = {}
+    for k in (20, 200):
+        predictions = knn_classify(train_set, test_set.features, k=k, temperature=0.07, num_classes=10)
+        summary[f"knn{k}_top1"] = round((predictions == test_set.labels).float().mean().item(), 4)
+    heads = fit_cached_probe(train_set, ["last"], 10, ProbeSchedule(epochs=probe_epochs, seed=seed), progress=False)
+    for name, value in classification_accuracy(predict(heads, test_set)["last"], test_set.labels).items():
+        summary[f"linear_{name}"] = round(value, 4)
+    return summary
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    record = {"bench": "fashion_mnist", "run": name, "steps": 0 if name in FLOORS else args.steps, "seed": args.seed}
+    if name == "raw_pixels":
+        return {**record, **raw_pixel_floor(args.probe_epochs, args.seed)}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch)
+        if name == "random_init":
+            torch.manual_seed(args.seed)
+            SiameseModel(SiameseConfig(**MOCO)).save_pretrained(model_dir)
+        else:
+            record.update(pretrain(name, args.steps, args.seed, model_dir))
+        return {**record, **probe(model_dir, args.probe_epochs)}
+
+
+def plot(results_path: Path) -> list[Path]:
+    """Loss curves (each normalised by its first value) and accuracies per run, as PNG files beside the results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {r["run"]: r for r in map(json.loads, results_path.read_text().splitlines())}
+    losses, axes = plt.subplots(figsize=(8, 5))
+    for name, record in records.items():
+        if record.get("loss_curve"):
+            steps, values = zip(*record["loss_curve"])
+            axes.plot(steps, [v / values[0] for v in values], label=name)
+    axes.set(xlabel="step", ylabel="loss / first logged loss", title="Fashion-MNIST pretraining loss")
+    axes.legend(fontsize=8)
+    accuracy, axes = plt.subplots(figsize=(10, 5))
+    names = list(records)
+    for offset, key in ((-0.2, "knn20_top1"), (0.2, "linear_top1")):
+        axes.bar([i + offset for i in range(len(names))], [records[n].get(key, 0) * 100 for n in names],
+                 width=0.4, label=key)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set(ylabel="top-1 on the test set (%)", title="Fashion-MNIST probes")
+    axes.legend()
+    paths = [results_path.with_name(f"{results_path.stem}_{kind}.png") for kind in ("loss", "accuracy")]
+    for figure, path in zip((losses, accuracy), paths):
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join([*FLOORS, *RUNS]), help="Comma-separated subset.")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--probe_epochs", type=int, default=90)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench/results/fashion_mnist.jsonl")
+    parser.add_argument("--plot", action="store_true", help="Only draw the PNG plots of the results file.")
+    args = parser.parse_args()
+    if args.plot:
+        print(json.dumps({"plots": [str(path) for path in plot(args.results)]}))
+        return
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["run"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
+    for name in args.runs.split(","):
+        if name not in RUNS and name not in FLOORS:
+            parser.error(f"unknown run {name!r}; choose from {', '.join([*FLOORS, *RUNS])}")
+        if name in done:
+            continue
+        record = {**run(name, args), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                  "date": datetime.date.today().isoformat()}
+        with args.results.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

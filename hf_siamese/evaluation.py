@@ -1,0 +1,250 @@
+"""The ``run_linear_probe.py`` job: a frozen encoder + a labelled dataset -> kNN and linear-probe accuracies.
+
+Flow: load the model (any ``AutoModel`` checkpoint) -> extract features of the train and eval splits once ->
+weighted kNN (k = 20, 200) -> linear heads (``cached`` or ``augmented`` protocol) for every probed level ->
+accuracies through the shipped ``evaluate`` metrics -> ``eval_results.json`` and the model card's ``model-index``.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from .data import FASHION_MNIST, DataArguments, load_raw_dataset
+from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
+from .hub import add_eval_results_to_model_card
+from .metrics import classification_accuracy, load_metric
+from .modeling_siamese import SiameseModel
+from .probing import (
+    LAST,
+    FrozenEncoderCheck,
+    InputSpec,
+    LabelledImages,
+    Level,
+    ProbeSchedule,
+    extract_features,
+    fit_augmented_probe,
+    fit_cached_probe,
+    knn_classify,
+    predict,
+)
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("cached", "augmented")
+EVAL_RESULTS = "eval_results.json"
+
+
+@dataclass
+class ProbeArguments:
+    """What to probe, on which data, and how; names follow the pretraining script where they overlap."""
+
+    model_name_or_path: str = field(metadata={"help": "hf_siamese checkpoint, or any model AutoModel loads."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, or 'fashion_mnist'."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split the probes are trained on."})
+    eval_split: str = field(default="test", metadata={"help": "Split the probes are evaluated on."})
+    train_dir: str | None = field(default=None, metadata={"help": "Local imagefolder of training images."})
+    eval_dir: str | None = field(default=None, metadata={"help": "Local imagefolder of evaluation images."})
+    train_data_files: str | None = field(default=None, metadata={"help": "Local parquet/.tar training files (glob)."})
+    eval_data_files: str | None = field(default=None, metadata={"help": "Local parquet/.tar evaluation files (glob)."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (found automatically if unset)."})
+    label_column: str = field(default="label", metadata={"help": "Integer label column."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    protocol: str = field(default="cached", metadata={"help": "cached (features extracted once) | augmented."})
+    probe_levels: str = field(
+        default="last", metadata={"help": "last | all | comma-separated stage indices and/or 'last', e.g. 2,3,last."}
+    )
+    knn_k: str = field(default="20,200", metadata={"help": "Comma-separated kNN neighbour counts ('' for no kNN)."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "kNN vote temperature: weight exp(sim / T)."})
+    num_train_epochs: int = field(default=90, metadata={"help": "Linear-probe epochs."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Linear-probe batch size."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Feature-extraction batch size."})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | lars (SimSiam: lars, lr 0.02) | adamw."})
+    learning_rate: float = field(default=0.1, metadata={"help": "Linear-probe lr per 256 examples."})
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD/LARS momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Linear-probe weight decay."})
+    head_batchnorm: bool = field(
+        default=True, metadata={"help": "Standardise features with BatchNorm (no affine) before each linear head "
+                                        "(MAE); false gives the plain SimSiam/MoCo v3 head."}
+    )
+    eval_crop_pct: float = field(
+        default=0.875, metadata={"help": "Evaluation view: resize to size/crop_pct, centre crop (1: resize only)."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the heads' init, batch order and augmentation."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where eval_results.json goes (default: the model directory if local)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own modeling code."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {self.protocol!r}.")
+        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+
+    @property
+    def knn_neighbours(self) -> list[int]:
+        try:
+            values = [int(k) for k in self.knn_k.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"`knn_k` must be comma-separated integers, got {self.knn_k!r}.") from None
+        if any(k < 1 for k in values):
+            raise ValueError(f"`knn_k` values must be at least 1, got {self.knn_k!r}.")
+        return values
+
+    @property
+    def dataset_id(self) -> str:
+        """How the results name the dataset."""
+        if self.dataset_name == FASHION_MNIST:
+            return FASHION_MNIST_HUB_ID
+        return self.dataset_name or self.train_dir or self.train_data_files or "local"
+
+    @property
+    def eval_split_name(self) -> str:
+        return self.eval_split if self.dataset_name else self.eval_dir or self.eval_data_files or "eval"
+
+    def split_data(self, split: str) -> DataArguments:
+        """The :class:`DataArguments` that load the ``train`` or ``eval`` split."""
+        train = split == "train"
+        return DataArguments(
+            dataset_name=self.dataset_name, dataset_config=self.dataset_config,
+            split=self.train_split if train else self.eval_split,
+            train_dir=self.train_dir if train else self.eval_dir,
+            data_files=self.train_data_files if train else self.eval_data_files,
+            image_column=self.image_column,
+            max_train_samples=self.max_train_samples if train else self.max_eval_samples,
+        )
+
+
+def parse_levels(spec: str, model) -> list[Level]:
+    """``"last"``, ``"all"`` (every stage) or a list like ``"2,3,last"`` -> levels, checked against ``model``."""
+    stage_count = len(model.stage_widths) if isinstance(model, SiameseModel) else 0
+    if spec.strip() == "all":
+        if not stage_count:
+            raise ValueError(f"`probe_levels` 'all' needs an hf_siamese model; {type(model).__name__} has no stages.")
+        return list(range(1, stage_count + 1))
+    levels: list[Level] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item == LAST:
+            levels.append(LAST)
+        elif item.isdigit() and 1 <= int(item) <= stage_count:
+            levels.append(int(item))
+        else:
+            valid = f"1..{stage_count}, 'last' or 'all'" if stage_count else "'last' (not an hf_siamese model)"
+            raise ValueError(f"`probe_levels` entry {item!r} is not a level of this model; valid: {valid}.")
+    return list(dict.fromkeys(levels))
+
+
+def load_encoder(args: ProbeArguments) -> tuple[torch.nn.Module, InputSpec]:
+    """The frozen encoder in eval mode, and what its inputs look like."""
+    model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    processor = None
+    if not isinstance(model, SiameseModel):
+        try:
+            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as error:
+            logger.warning("No image processor for %s: %s", args.model_name_or_path, error)
+    model.requires_grad_(False).eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), InputSpec.from_model(model, processor)
+
+
+def run_linear_probe(args: ProbeArguments) -> list[dict]:
+    """Probe ``args.model_name_or_path``; returns the result records (also written to ``eval_results.json``)."""
+    torch.manual_seed(args.seed)
+    model, spec = load_encoder(args)
+    levels = parse_levels(args.probe_levels, model)
+    stages = [level for level in levels if level != LAST]
+    progress = not args.disable_tqdm
+    train_raw, eval_raw = load_raw_dataset(args.split_data("train")), load_raw_dataset(args.split_data("eval"))
+    num_classes = _num_classes(train_raw, eval_raw, args.label_column)
+    frozen = FrozenEncoderCheck(model)
+
+    extract = dict(label_column=args.label_column, image_column=args.image_column, levels=stages,
+                   batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+                   progress=progress, transform=spec.eval_transform(args.eval_crop_pct), input_spec=spec)
+    train_features = extract_features(model, train_raw, **extract)
+    eval_features = extract_features(model, eval_raw, **extract)
+
+    common = {"dataset": args.dataset_id, "split": args.eval_split_name,
+              "num_train": len(train_features.labels), "num_eval": len(eval_features.labels)}
+    results = []
+    accuracy = load_metric("accuracy")
+    for level in levels:
+        for k in args.knn_neighbours:
+            predictions = knn_classify(train_features, eval_features.at(level), k=k, temperature=args.knn_temperature,
+                                       num_classes=num_classes, level=level)
+            value = accuracy.compute(predictions=predictions.tolist(), references=eval_features.labels.tolist())
+            results.append({"metric": "top1_accuracy", "value": value["accuracy"], "protocol": "knn",
+                            "level": level, "k": min(k, len(train_features.labels)), "temperature": args.knn_temperature, **common})
+
+    schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
+                             optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
+                             weight_decay=args.weight_decay, batchnorm=args.head_batchnorm, seed=args.seed)
+    if args.protocol == "cached":
+        heads = fit_cached_probe(train_features, levels, num_classes, schedule, progress)
+    else:
+        images = LabelledImages(train_raw, spec.train_transform(), num_channels=spec.num_channels,
+                                label_column=args.label_column, image_column=args.image_column)
+        heads = fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress)
+    frozen.verify(model)
+    for level, logits in predict(heads, eval_features).items():
+        for name, value in classification_accuracy(logits, eval_features.labels).items():
+            results.append({"metric": f"{name}_accuracy", "value": value, "protocol": args.protocol, "level": level,
+                            "epochs": args.num_train_epochs, **common})
+
+    _write_results(args, results)
+    return results
+
+
+def _num_classes(train_raw, eval_raw, label_column: str) -> int:
+    feature = train_raw.features.get(label_column) if train_raw.features else None
+    if getattr(feature, "num_classes", None):
+        return feature.num_classes
+    for raw in (train_raw, eval_raw):
+        if label_column not in raw.column_names:
+            raise ValueError(f"`label_column` {label_column!r} is not in the dataset; its columns are {raw.column_names}.")
+    labels = list(train_raw[label_column]) + list(eval_raw[label_column])
+    if not labels or min(labels) < 0:
+        raise ValueError(f"`label_column` {label_column!r} must hold non-negative integer labels.")
+    return max(labels) + 1
+
+
+def _write_results(args: ProbeArguments, results: list[dict]) -> Path:
+    model_dir = Path(args.model_name_or_path)
+    output_dir = Path(args.output_dir) if args.output_dir else model_dir if model_dir.is_dir() else Path("outputs/linear_probe")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / EVAL_RESULTS
+    path.write_text(json.dumps({"model_name_or_path": args.model_name_or_path, "arguments": asdict(args),
+                                "results": results}, indent=2))
+    card = model_dir / "README.md"
+    if card.is_file():
+        add_eval_results_to_model_card(card, results)
+    logger.info("Wrote %d results to %s", len(results), path)
+    return path
+
+
+def format_results(results: list[dict]) -> str:
+    """The results as an aligned text table, one line per (protocol, level, metric)."""
+    lines = [f"{'protocol':<12}{'level':<8}{'metric':<16}{'value':>8}"]
+    for record in results:
+        protocol = f"knn k={record['k']}" if record["protocol"] == "knn" else record["protocol"]
+        lines.append(f"{protocol:<12}{record['level']!s:<8}{record['metric']:<16}{record['value']:>8.2%}")
+    return "\n".join(lines)
+
+
+def summarise(results: list[dict], level: Level = LAST) -> dict[str, float]:
+    """``{"knn20_top1": ..., "linear_top1": ..., ...}`` of one level, rounded to 4 digits: a line of a table."""
+    summary = {}
+    for record in (r for r in results if r["level"] == level):
+        top = record["metric"].removesuffix("_accuracy")
+        key = f"knn{record['k']}_{top}" if record["protocol"] == "knn" else f"linear_{top}"
+        summary[key] = round(record["value"], 4)
+    return summary
