@@ -4,10 +4,11 @@ Each run pretrains on the 60k training images for ``--steps`` optimizer steps (b
 ``run_linear_probe`` (cached protocol, last level) gives kNN top-1 (k = 20, 200, T = 0.07, bank = the 60k
 training images) and linear-probe top-1/top-5 on the 10k test images. The floors: kNN and logistic regression on
 raw pixels, and the same probes on a randomly initialised encoder. One JSON line per run, appended to
-``--results`` (runs already there are skipped, so an interrupted sweep continues); ``--plot`` draws the loss
-curves and the accuracies as PNG files beside it.
+``--results`` (runs already there are skipped, so an interrupted sweep continues); ``--report`` draws the loss
+curves and the accuracies as PNG files beside it (needs the ``bench`` extra: matplotlib) and prints the table.
 
-    python bench/fashion_mnist.py [--runs moco_baseline,byol] [--steps 150] [--probe_epochs 90] [--plot]
+    python bench/fashion_mnist.py [--runs moco_baseline,byol] [--steps 150] [--probe_epochs 90]
+    python bench/fashion_mnist.py --report
 
 Scale: the demo's (ResNet-18 at 32 px, one channel, 512 -> 128 heads, batch 256, SGD momentum 0.9, weight decay
 5e-4, cosine). MoCo-family runs use the demo recipe (configs/demo_fashion_mnist.yaml: lr 0.06 per 256, tau 0.2,
@@ -81,7 +82,7 @@ def pretrain(name: str, steps: int, seed: int, output_dir: Path) -> dict:
 def probe(model_dir: Path, probe_epochs: int) -> dict:
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=str(model_dir), dataset_name="fashion_mnist", num_train_epochs=probe_epochs,
-        output_dir=str(model_dir), dataloader_num_workers=2, disable_tqdm=True,
+        output_dir=str(model_dir), disable_tqdm=True,
     ))
     return summarise(results)
 
@@ -117,6 +118,18 @@ def run(name: str, args: argparse.Namespace) -> dict:
         else:
             record.update(pretrain(name, args.steps, args.seed, model_dir))
         return {**record, **probe(model_dir, args.probe_epochs)}
+
+
+def markdown_table(results_path: Path) -> str:
+    """The results as the README's table: one row per run, accuracies in %."""
+    keys = ("knn20_top1", "knn200_top1", "linear_top1", "linear_top5")
+    rows = ["| run | steps | pretrain s | kNN k=20 | kNN k=200 | linear top-1 | linear top-5 | final loss |",
+            "|---|---|---|---|---|---|---|---|"]
+    for record in map(json.loads, results_path.read_text().splitlines()):
+        accuracies = " | ".join(f"{record[key] * 100:.2f}" for key in keys)
+        rows.append(f"| {record['run']} | {record['steps']} | {record.get('pretrain_seconds', '-')} | {accuracies} | "
+                    f"{record.get('final_loss', '-')} |")
+    return "\n".join(rows)
 
 
 def plot(results_path: Path) -> list[Path]:
@@ -156,10 +169,12 @@ def main() -> None:
     parser.add_argument("--probe_epochs", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/fashion_mnist.jsonl")
-    parser.add_argument("--plot", action="store_true", help="Only draw the PNG plots of the results file.")
+    parser.add_argument("--report", action="store_true",
+                        help="Only draw the PNG plots of the results file and print its markdown table.")
     args = parser.parse_args()
-    if args.plot:
+    if args.report:
         print(json.dumps({"plots": [str(path) for path in plot(args.results)]}))
+        print(markdown_table(args.results))
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["run"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()

@@ -20,6 +20,7 @@ from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
 from .probing import (
     LAST,
+    Features,
     FrozenEncoderCheck,
     InputSpec,
     LabelledImages,
@@ -175,15 +176,7 @@ def run_linear_probe(args: ProbeArguments) -> list[dict]:
 
     common = {"dataset": args.dataset_id, "split": args.eval_split_name,
               "num_train": len(train_features.labels), "num_eval": len(eval_features.labels)}
-    results = []
-    accuracy = load_metric("accuracy")
-    for level in levels:
-        for k in args.knn_neighbours:
-            predictions = knn_classify(train_features, eval_features.at(level), k=k, temperature=args.knn_temperature,
-                                       num_classes=num_classes, level=level)
-            value = accuracy.compute(predictions=predictions.tolist(), references=eval_features.labels.tolist())
-            results.append({"metric": "top1_accuracy", "value": value["accuracy"], "protocol": "knn",
-                            "level": level, "k": min(k, len(train_features.labels)), "temperature": args.knn_temperature, **common})
+    results = [{**record, **common} for record in _knn_results(args, train_features, eval_features, levels, num_classes)]
 
     schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
                              optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
@@ -204,15 +197,30 @@ def run_linear_probe(args: ProbeArguments) -> list[dict]:
     return results
 
 
+def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: list[Level],
+                 num_classes: int) -> list[dict]:
+    accuracy = load_metric("accuracy")
+    results = []
+    for level in levels:
+        for k in args.knn_neighbours:
+            predictions = knn_classify(train, test.at(level), k=k, temperature=args.knn_temperature,
+                                       num_classes=num_classes, level=level)
+            value = accuracy.compute(predictions=predictions.tolist(), references=test.labels.tolist())["accuracy"]
+            results.append({"metric": "top1_accuracy", "value": value, "protocol": "knn", "level": level,
+                            "k": min(k, len(train.labels)), "temperature": args.knn_temperature})
+    return results
+
+
 def _num_classes(train_raw, eval_raw, label_column: str) -> int:
-    feature = train_raw.features.get(label_column) if train_raw.features else None
-    if getattr(feature, "num_classes", None):
-        return feature.num_classes
+    """Classes of the label column: its ``ClassLabel`` size, else the largest label + 1 (labels checked)."""
     for raw in (train_raw, eval_raw):
         if label_column not in raw.column_names:
             raise ValueError(f"`label_column` {label_column!r} is not in the dataset; its columns are {raw.column_names}.")
+    feature = train_raw.features.get(label_column) if train_raw.features else None
+    if getattr(feature, "num_classes", None):
+        return feature.num_classes
     labels = list(train_raw[label_column]) + list(eval_raw[label_column])
-    if not labels or min(labels) < 0:
+    if not labels or not all(isinstance(label, int) and label >= 0 for label in labels):
         raise ValueError(f"`label_column` {label_column!r} must hold non-negative integer labels.")
     return max(labels) + 1
 

@@ -44,7 +44,7 @@ def main() -> None:
     started = time.time()
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=result.output_dir, dataset_name="fashion_mnist", num_train_epochs=known.probe_epochs,
-        dataloader_num_workers=2, disable_tqdm=True,
+        disable_tqdm=True,
     ))
     probe_seconds = time.time() - started
     summary = {
