@@ -15,21 +15,26 @@ _STEM_MODULES = ("act1", "stem", "conv1", "bn1")
 def create_backbone(config) -> nn.Module:
     """A randomly initialised timm model without classifier, at ``config.image_size`` where the model takes a size.
 
-    With MultiCrop, ViT-like models also get ``dynamic_img_size`` so that they take the smaller local crops.
+    With MultiCrop, ViT-like models also get ``dynamic_img_size`` so that they take the smaller local crops. The
+    keyword arguments the model was built with are kept as ``model.timm_model_args`` (timm's ``model_args``), so
+    that a timm-format export rebuilds the same architecture.
     """
-    user_kwargs = config.backbone_kwargs or {}
-    kwargs = {"num_classes": 0, "in_chans": config.num_channels, **user_kwargs}
+    user_kwargs = {key: value for key, value in (config.backbone_kwargs or {}).items() if key != "num_classes"}
+    kwargs = {"in_chans": config.num_channels, **user_kwargs}
     # Only ViT-like models take these; convolutional nets take any size and reject them.
     optional = {"img_size": config.image_size}
     if getattr(config, "multicrop", False):
         optional["dynamic_img_size"] = True
     optional = {key: value for key, value in optional.items() if key not in user_kwargs}
     try:
-        return timm.create_model(config.backbone, pretrained=False, **kwargs, **optional)
+        model = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs, **optional)
+        kwargs.update(optional)
     except TypeError as error:
         if not any(key in str(error) for key in optional):
             raise
-        return timm.create_model(config.backbone, pretrained=False, **kwargs)
+        model = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs)
+    model.timm_model_args = kwargs
+    return model
 
 
 def stage_indices(backbone: nn.Module) -> list[int]:

@@ -7,7 +7,7 @@ accuracies through the shipped ``evaluate`` metrics -> ``eval_results.json`` and
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from .data import FASHION_MNIST, DataArguments, load_raw_dataset
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
-from .hub import add_eval_results_to_model_card
+from .hub import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
 from .probing import (
@@ -36,7 +36,6 @@ from .probing import (
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("cached", "augmented")
-EVAL_RESULTS = "eval_results.json"
 
 
 @dataclass
@@ -226,17 +225,28 @@ def _num_classes(train_raw, eval_raw, label_column: str) -> int:
 
 
 def _write_results(args: ProbeArguments, results: list[dict]) -> Path:
+    """Merge ``results`` into ``eval_results.json`` (a rerun of a probe replaces its records) and the model card."""
     model_dir = Path(args.model_name_or_path)
-    output_dir = Path(args.output_dir) if args.output_dir else model_dir if model_dir.is_dir() else Path("outputs/linear_probe")
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+    else:
+        output_dir = model_dir if model_dir.is_dir() else Path("outputs/linear_probe")
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / EVAL_RESULTS
-    path.write_text(json.dumps({"model_name_or_path": args.model_name_or_path, "arguments": asdict(args),
-                                "results": results}, indent=2))
-    card = model_dir / "README.md"
-    if card.is_file():
-        add_eval_results_to_model_card(card, results)
+    earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+    replaced = {_record_identity(record) for record in results}
+    merged = [record for record in earlier if _record_identity(record) not in replaced] + results
+    path.write_text(json.dumps({"model_name_or_path": args.model_name_or_path, "results": merged}, indent=2))
+    if output_dir.resolve() == model_dir.resolve() and is_siamese_model_dir(model_dir):
+        write_model_card(model_dir)
+    elif (model_dir / "README.md").is_file():
+        add_eval_results_to_model_card(model_dir / "README.md", results)
     logger.info("Wrote %d results to %s", len(results), path)
     return path
+
+
+def _record_identity(record: dict) -> tuple:
+    return tuple(record.get(key) for key in ("dataset", "split", "protocol", "level", "metric", "k"))
 
 
 def format_results(results: list[dict]) -> str:

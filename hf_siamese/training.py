@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
+from .hub import TRAINING_RUN, write_model_card
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
@@ -182,6 +183,10 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
         image_processor_for(config).save_pretrained(output_dir)
+        run = _training_run(args, data_args, accelerator, step, steps_per_epoch, learning_rate, warmup,
+                            metrics.elapsed, total_skipped)
+        (output_dir / TRAINING_RUN).write_text(json.dumps(run, indent=2))
+        write_model_card(output_dir)
     accelerator.end_training()  # also ends the process group: no collective after this
     if total_skipped:
         logger.warning("Skipped %d undecodable images.", total_skipped)
@@ -224,6 +229,27 @@ class _MetricsLogger:
 
     def close(self) -> None:
         self.progress.close()
+
+
+def _training_run(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, steps: int,
+                  steps_per_epoch: int | None, learning_rate: float, warmup_steps: int, seconds: float,
+                  skipped_images: int) -> dict:
+    """What the run did, for the model card: written once, at the end, by the main process."""
+    if torch.cuda.is_available():
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
+    else:
+        hardware = f"CPU ({os.cpu_count()} cores), {accelerator.num_processes} process(es)"
+    return {
+        "steps": steps, "epochs": steps / steps_per_epoch if steps_per_epoch else None,
+        "per_device_train_batch_size": args.per_device_train_batch_size, "processes": accelerator.num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        "optimizer": args.optimizer, "base_learning_rate": args.learning_rate, "learning_rate": learning_rate,
+        "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": warmup_steps,
+        "mixed_precision": args.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
+        "dataset_name": data_args.dataset_name, "data": data_args.train_dir or data_args.data_files,
+        "skipped_images": skipped_images,
+    }
 
 
 def _sum_over_processes(accelerator: Accelerator, value: int) -> int:

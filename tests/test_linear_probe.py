@@ -49,7 +49,6 @@ def data(tmp_path_factory) -> dict[str, str]:
 def model_dir(tmp_path) -> Path:
     torch.manual_seed(0)
     SiameseModel(tiny_config(num_channels=1)).save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A tiny encoder\n")
     return tmp_path / "model"
 
 
@@ -75,15 +74,18 @@ def test_cached_protocol_on_every_level(model_dir, data):
     assert all(results["cached", level, "top1_accuracy", None] >= 0.9 for level in levels)
     assert results["knn", 1, "top1_accuracy", 5] >= 0.9  # deep random features lose the grey level's direction
 
-    card = ModelCard.load(model_dir / "README.md")
+    card = ModelCard.load(model_dir / "README.md")  # an hf_siamese directory: the card is generated
     metrics = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert len(metrics) == len(results)
     assert metrics["Top1 accuracy, Linear probe, stage 2"] == results["cached", 2, "top1_accuracy", None]
     assert metrics["Top1 accuracy, kNN (k=5), stage 4"] == results["knn", 4, "top1_accuracy", 5]
-    assert card.data.license == "apache-2.0" and "# A tiny encoder" in card.text
+    assert f"| Linear probe | 2 | top1_accuracy | {results['cached', 2, 'top1_accuracy', None] * 100:.2f}% |" in card.text
 
     probe(model_dir, data, "--probe_levels", "all", "--knn_k", "5,200")  # again: results replaced, not duplicated
     assert len(ModelCard.load(model_dir / "README.md").data.eval_results) == len(card.data.eval_results)
+    probe(model_dir, data, "--probe_levels", "2", "--knn_k", "", "--protocol", "augmented", "--num_train_epochs", "1")
+    merged = by_key(json.loads((model_dir / "eval_results.json").read_text())["results"])
+    assert set(merged) == set(results) | {("augmented", 2, "top1_accuracy", None)}  # other probes' results kept
 
 
 def test_augmented_protocol_and_chosen_levels(model_dir, data):
@@ -99,6 +101,7 @@ def test_a_timm_wrapped_model_through_automodel(tmp_path, data):
                                model_args={"in_chans": 1})
     torch.manual_seed(0)
     TimmWrapperModel(config).save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# Somebody's timm model\n")
     assert TimmWrapperImageProcessor(pretrained_cfg=pretrained_cfg).data_config["input_size"] == (1, 32, 32)
     model, spec = load_encoder(ProbeArguments(model_name_or_path=str(tmp_path)))
     assert type(model).__name__ == "TimmWrapperModel"
@@ -106,6 +109,10 @@ def test_a_timm_wrapped_model_through_automodel(tmp_path, data):
     results = by_key(probe(tmp_path, data, "--knn_k", "5"))
     assert set(results) == {("knn", "last", "top1_accuracy", 5), ("cached", "last", "top1_accuracy", None)}
     assert min(results.values()) > 0.4  # chance is 0.25; random deep features keep part of the grey level
+    card = ModelCard.load(tmp_path / "README.md")  # not ours: results merged into its model-index, text kept
+    assert card.data.license == "mit" and "# Somebody's timm model" in card.text
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results}["Top1 accuracy, Linear probe"] == \
+        results["cached", "last", "top1_accuracy", None]
     with pytest.raises(ValueError, match="`probe_levels` 'all' needs an hf_siamese model"):
         probe(tmp_path, data, "--probe_levels", "all")
 

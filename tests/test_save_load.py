@@ -1,11 +1,9 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from conftest import FRAMEWORK_NAMES, global_views, tiny_config
+from isolation import run_without_hf_siamese
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
 from hf_siamese import SiameseForImageClassification, SiameseForPreTraining, SiameseModel
@@ -106,23 +104,10 @@ def test_trust_remote_code_loads_where_hf_siamese_cannot_be_imported(tmp_path):
     torch.save(pixels, tmp_path / "pixels.pt")
     with torch.no_grad():
         torch.save(model.siamese(pixels).pooler_output, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    stdout = run_without_hf_siamese(
         f"""
-        import importlib.abc, sys
-
-        class BlockHfSiamese(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "hf_siamese" or name.startswith("hf_siamese."):
-                    raise ImportError("hf_siamese is blocked in this test")
-
-        sys.meta_path.insert(0, BlockHfSiamese())
         import torch
         from transformers import AutoModel, AutoModelForPreTraining
-        try:
-            import hf_siamese
-            raise SystemExit("hf_siamese was importable")
-        except ImportError:
-            pass
         encoder = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         assert type(encoder).__name__ == "SiameseModel", type(encoder)
         assert "transformers_modules" in type(encoder).__module__, type(encoder).__module__
@@ -133,11 +118,7 @@ def test_trust_remote_code_loads_where_hf_siamese_cannot_be_imported(tmp_path):
         full = AutoModelForPreTraining.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
         assert type(full).__name__ == "SiameseForPreTraining"
         print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "remote code OK" in result.stdout
+    assert "remote code OK" in stdout

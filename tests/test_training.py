@@ -14,6 +14,7 @@ import torch
 from images import structured_images
 from PIL import Image
 from safetensors.torch import load_file
+from huggingface_hub import ModelCard
 from transformers import AutoModel
 
 from hf_siamese import SiameseModel
@@ -65,6 +66,12 @@ def test_twenty_steps_end_to_end_and_load_with_automodel(parquet_files, tmp_path
     assert isinstance(encoder, SiameseModel)
     assert encoder(torch.randn(2, 3, 32, 32)).pooler_output.shape == (2, 512)
     assert (tmp_path / "preprocessor_config.json").exists()
+    run_info = json.loads((tmp_path / "training_run.json").read_text())
+    assert (run_info["steps"], run_info["global_batch"], run_info["optimizer"]) == (20, 8, "sgd")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and "byol" in card.data.tags
+    assert "| steps | 20 |" in card.text and "![Pretraining loss](loss_curve.svg)" in card.text
+    assert (tmp_path / "loss_curve.svg").read_text().startswith("<svg")
 
 
 def test_recipe_plus_overrides_and_unknown_fields(tmp_path):
