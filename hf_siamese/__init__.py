@@ -5,12 +5,14 @@ Importing the package registers the config and the three model classes with tran
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
 )
 
 from .configuration_siamese import FRAMEWORK_DEFAULTS, FRAMEWORKS, SiameseConfig
+from .image_processing_siamese import SiameseImageProcessor
 from .modeling_siamese import (
     SiameseForImageClassification,
     SiameseForPreTraining,
@@ -25,6 +27,9 @@ AutoConfig.register(SiameseConfig.model_type, SiameseConfig, exist_ok=True)
 AutoModel.register(SiameseConfig, SiameseModel, exist_ok=True)
 AutoModelForPreTraining.register(SiameseConfig, SiameseForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(SiameseConfig, SiameseForImageClassification, exist_ok=True)
+AutoImageProcessor.register(SiameseConfig, slow_image_processor_class=SiameseImageProcessor, exist_ok=True)
+# Saved processors carry an auto_map and their code, for `trust_remote_code` where hf_siamese is not installed.
+SiameseImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "FRAMEWORKS",
@@ -32,6 +37,7 @@ __all__ = [
     "SiameseConfig",
     "SiameseForImageClassification",
     "SiameseForPreTraining",
+    "SiameseImageProcessor",
     "SiameseModel",
     "SiamesePreTrainedModel",
     "SiamesePreTrainingOutput",

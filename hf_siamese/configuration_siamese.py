@@ -210,6 +210,7 @@ class SiameseConfig(PreTrainedConfig):
                 "AutoModel": "modeling_siamese.SiameseModel",
                 "AutoModelForPreTraining": "modeling_siamese.SiameseForPreTraining",
                 "AutoModelForImageClassification": "modeling_siamese.SiameseForImageClassification",
+                "AutoImageProcessor": "image_processing_siamese.SiameseImageProcessor",
             }
         self._check_values()
         super().__post_init__(**kwargs)

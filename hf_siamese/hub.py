@@ -8,9 +8,17 @@ matter with ``model-index``) and ``loss_curve.svg``.
 import json
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import torch
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
+from safetensors.torch import save_file
+from transformers import AutoModel
 
+from .backbones import create_backbone
 from .configuration_siamese import SiameseConfig
+from .image_processing_siamese import SiameseImageProcessor
+from .modeling_siamese import SiameseForPreTraining
+from .views import channel_stats
 
 TRAINING_RUN = "training_run.json"
 EVAL_RESULTS = "eval_results.json"
@@ -37,6 +45,54 @@ CITATIONS = """```bibtex
   year      = {2023}
 }
 ```"""
+
+
+# Not part of a model repository: local checkpoints (pushed on their own), temporary saves, tracker logs.
+PUSH_IGNORE = ["checkpoint-*", ".tmp-*", "runs/*", "*.lock"]
+
+
+def push_folder(folder: str | Path, repo_id: str, *, commit_message: str, token: str | None = None,
+                private: bool = False, path_in_repo: str | None = None):
+    """Create ``repo_id`` if needed and commit every file of ``folder`` (but :data:`PUSH_IGNORE`) at once.
+
+    Our own card, processor and code go up as they are; ``PreTrainedModel.push_to_hub`` would replace the card.
+    """
+    folder = Path(folder)
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
+    operations = [
+        CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=str(folder / name))
+        for name in filter_repo_objects(files, ignore_patterns=PUSH_IGNORE)
+    ]
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.create_commit(repo_id, operations, commit_message=commit_message)
+
+
+def image_processor_for(config: SiameseConfig, crop_pct: float = 0.875):
+    """What a downstream user needs to feed the encoder: the evaluation view of ``run_linear_probe`` (short side to
+    ``image_size / crop_pct``, centre crop to ``image_size``), the training normalisation, the model's channels."""
+    mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
+    return SiameseImageProcessor(
+        size={"shortest_edge": round(config.image_size / crop_pct)},
+        crop_size={"height": config.image_size, "width": config.image_size},
+        image_mean=list(mean), image_std=list(std), num_channels=config.num_channels,
+    )
+
+
+def save_image_processor(config: SiameseConfig, output_dir: str | Path) -> None:
+    """Write ``preprocessor_config.json`` and the processor's code into a model directory.
+
+    The processor is found through ``config.json``'s ``auto_map``, not one in ``preprocessor_config.json``: there,
+    ``AutoVideoProcessor`` (which ``pipeline`` tries for every image task) derives a remote video processor from it
+    and asks whether to trust remote code even when hf_siamese is installed.
+    """
+    image_processor_for(config).save_pretrained(output_dir)
+    path = Path(output_dir) / "preprocessor_config.json"
+    saved = json.loads(path.read_text())
+    for key in ("auto_map", "image_processor_type"):
+        saved.pop(key, None)
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def eval_result(record: dict) -> EvalResult:
@@ -149,8 +205,6 @@ def _summary(config: SiameseConfig) -> str:
 
 
 def _feature_width(config: SiameseConfig) -> str:
-    from .backbones import create_backbone
-
     return str(create_backbone(config).num_features)
 
 
@@ -251,13 +305,6 @@ def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = 0.875) 
     ``pretrained_cfg``, never in ``model_args``: ``TimmWrapperModel`` passes ``num_classes`` itself and rejects a
     second one (as written by timm's own ``save_for_hf``).
     """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModel
-
-    from .modeling_siamese import SiameseForPreTraining
-    from .views import channel_stats
-
     model = model_or_path if isinstance(model_or_path, torch.nn.Module) else AutoModel.from_pretrained(model_or_path)
     encoder = model.siamese if isinstance(model, SiameseForPreTraining) else model
     config, backbone = encoder.config, encoder.backbone

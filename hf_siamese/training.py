@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
-from .hub import TRAINING_RUN, write_model_card
+from .hub import TRAINING_RUN, export_timm, push_folder, save_image_processor, write_model_card
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
 from .variance import VarianceMonitor
-from .views import MultiViewTransform, channel_stats
+from .views import MultiViewTransform
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,18 @@ class PretrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
     variance_steps: int = field(default=0, metadata={"help": "Log source/target variance every N steps (0: off)."})
     variance_probe_size: int = field(default=64, metadata={"help": "Probe images for the variance monitor."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model directory to the Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repository, 'user/name' (default: the output directory's name)."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    push_checkpoints: bool = field(
+        default=False, metadata={"help": "Also push each checkpoint to the repository's last-checkpoint/ folder."}
+    )
+    export_timm: str | None = field(
+        default=None, metadata={"help": "Also write the encoder in timm's format to this directory."}
+    )
     eval_steps: int = field(
         default=0, metadata={"help": "Online kNN top-1 on the held-out split every N steps (0: off; see eval_split)."}
     )
@@ -175,21 +187,28 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
                 metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
             accelerator.wait_for_everyone()
         if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < total_steps:
-            save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1, args.checkpoints_total_limit)
+            checkpoint = save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1,
+                                         args.checkpoints_total_limit)
+            if args.push_checkpoints and accelerator.is_main_process:
+                _push_checkpoint(args, output_dir, checkpoint, step)
     metrics.close()
 
     total_skipped = _sum_over_processes(accelerator, data.skipped_images)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
-        image_processor_for(config).save_pretrained(output_dir)
+        save_image_processor(config, output_dir)
         run = _training_run(args, data_args, accelerator, step, steps_per_epoch, learning_rate, warmup,
                             metrics.elapsed, total_skipped)
         (output_dir / TRAINING_RUN).write_text(json.dumps(run, indent=2))
-        write_model_card(output_dir)
+        write_model_card(output_dir, model_id=_hub_model_id(args, output_dir) if args.push_to_hub else None)
+        if args.export_timm:
+            export_timm(unwrapped, args.export_timm)
     accelerator.end_training()  # also ends the process group: no collective after this
     if total_skipped:
         logger.warning("Skipped %d undecodable images.", total_skipped)
+    if args.push_to_hub and accelerator.is_main_process:
+        _push_model(args, output_dir, step)
     return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
 
 
@@ -248,8 +267,38 @@ def _training_run(args: PretrainingArguments, data_args: DataArguments, accelera
         "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": warmup_steps,
         "mixed_precision": args.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
         "dataset_name": data_args.dataset_name, "data": data_args.train_dir or data_args.data_files,
-        "skipped_images": skipped_images,
+        "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
     }
+
+
+def _hub_model_id(args: PretrainingArguments, output_dir: Path) -> str:
+    return args.hub_model_id or output_dir.resolve().name
+
+
+def _push_model(args: PretrainingArguments, output_dir: Path, step: int) -> None:
+    """Push the finished model directory; a failure leaves it intact and says how to push it later."""
+    repo_id = _hub_model_id(args, output_dir)
+    try:
+        push_folder(output_dir, repo_id, token=args.hub_token, private=args.hub_private,
+                    commit_message=f"hf_siamese: model after {step} steps")
+    except Exception as error:
+        raise RuntimeError(
+            f"Pushing {output_dir} to the Hub repository {repo_id!r} failed ({type(error).__name__}: {error}). "
+            f"The trained model is intact in {output_dir}; push it later with "
+            f"`huggingface-cli upload {repo_id} {output_dir}`."
+        ) from error
+    logger.info("Pushed %s to %s", output_dir, repo_id)
+
+
+def _push_checkpoint(args: PretrainingArguments, output_dir: Path, checkpoint: Path, step: int) -> None:
+    """Push a checkpoint to ``last-checkpoint/``; a failure is logged and training goes on."""
+    repo_id = _hub_model_id(args, output_dir)
+    try:
+        push_folder(checkpoint, repo_id, token=args.hub_token, private=args.hub_private,
+                    commit_message=f"hf_siamese: checkpoint at step {step}", path_in_repo="last-checkpoint")
+    except Exception as error:
+        logger.error("Pushing %s to %s failed (%s: %s); training continues, the checkpoint is kept locally.",
+                     checkpoint, repo_id, type(error).__name__, error)
 
 
 def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
@@ -402,14 +451,3 @@ def _load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str) -> 
     data_state = json.loads(data_state_file.read_text())
     logger.info("Resumed from %s at step %d", path, step)
     return step, data_state["epoch"], data_state["batches_done"]
-
-
-def image_processor_for(config: SiameseConfig):
-    """The processor a downstream user needs: resize to the trained resolution and normalise as in training."""
-    from transformers import ViTImageProcessor
-
-    mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
-    return ViTImageProcessor(
-        do_resize=True, size={"height": config.image_size, "width": config.image_size},
-        image_mean=list(mean), image_std=list(std),
-    )
