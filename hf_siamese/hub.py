@@ -16,6 +16,8 @@ from transformers import AutoModel
 
 from .backbones import create_backbone
 from .configuration_siamese import SiameseConfig
+from .data import FASHION_MNIST
+from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .image_processing_siamese import SiameseImageProcessor
 from .modeling_siamese import SiameseForPreTraining
 from .views import channel_stats
@@ -29,7 +31,7 @@ FRAMEWORK_NAMES = {"moco": "MoCo (Asym-Siam's MoCo v2 + BN projector)", "mocov3"
                    "simsiam": "SimSiam"}
 DESIGN_TAGS = {"multicrop": "multicrop", "scalemix": "scalemix", "asym_aug": "asym-aug", "asym_bn": "asym-bn",
                "mean_encoding": "mean-encoding"}
-HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
+HUB_DATASETS = {FASHION_MNIST: FASHION_MNIST_HUB_ID}  # our short names -> Hub ids, for the card's `datasets`
 CITATIONS = """```bibtex
 @inproceedings{wang2022asym,
   title     = {On the Importance of Asymmetry for Siamese Representation Learning},
