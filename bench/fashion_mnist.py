@@ -107,7 +107,8 @@ def raw_pixel_floor(probe_epochs: int, seed: int) -> dict:
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
-    record = {"bench": "fashion_mnist", "run": name, "steps": 0 if name in FLOORS else args.steps, "seed": args.seed}
+    record = {"bench": "fashion_mnist", "run": name, "steps": 0 if name in FLOORS else args.steps, "seed": args.seed,
+              "probe_epochs": args.probe_epochs}
     if name == "raw_pixels":
         return {**record, **raw_pixel_floor(args.probe_epochs, args.seed)}
     with tempfile.TemporaryDirectory() as scratch:
@@ -162,6 +163,10 @@ def plot(results_path: Path) -> list[Path]:
     return paths
 
 
+def _run_key(record: dict) -> tuple:
+    return record["run"], record["steps"], record["seed"], record.get("probe_epochs", 90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join([*FLOORS, *RUNS]), help="Comma-separated subset.")
@@ -177,12 +182,13 @@ def main() -> None:
         print(markdown_table(args.results))
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["run"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
+    done = {_run_key(json.loads(line)) for line in args.results.read_text().splitlines()} if args.results.exists() else set()
     for name in args.runs.split(","):
         if name not in RUNS and name not in FLOORS:
             parser.error(f"unknown run {name!r}; choose from {', '.join([*FLOORS, *RUNS])}")
-        if name in done:
-            continue
+        if _run_key({"run": name, "steps": 0 if name in FLOORS else args.steps, "seed": args.seed,
+                     "probe_epochs": args.probe_epochs}) in done:
+            continue  # already measured with this budget
         record = {**run(name, args), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                   "date": datetime.date.today().isoformat()}
         with args.results.open("a") as stream:

@@ -57,18 +57,18 @@ class DataArguments:
         default=None, metadata={"help": "Local labelled held-out files for the online kNN (instead of eval_split)."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column of the online kNN's data."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Online kNN: first N held-out images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Online kNN: N held-out images (seeded sample)."})
     knn_bank_size: int = field(
-        default=10_000, metadata={"help": "Online kNN: labelled training images in the memory bank."}
+        default=10_000, metadata={"help": "Online kNN: labelled training images in the bank (seeded sample)."}
     )
 
     def held_out(self) -> "DataArguments":
         """The arguments that load the labelled held-out data of the online kNN."""
         if self.eval_data_files:
-            return DataArguments(data_files=self.eval_data_files, max_train_samples=self.max_eval_samples)
+            return DataArguments(data_files=self.eval_data_files, image_column=self.image_column)
         if self.eval_split and self.dataset_name:
             return DataArguments(dataset_name=self.dataset_name, dataset_config=self.dataset_config,
-                                 split=self.eval_split, streaming=self.streaming, max_train_samples=self.max_eval_samples)
+                                 split=self.eval_split, streaming=self.streaming, image_column=self.image_column)
         raise ValueError("The online kNN (`eval_steps`) needs held-out labelled data: set `eval_split` (with "
                          "`dataset_name`) or `eval_data_files`.")
 
@@ -98,15 +98,20 @@ def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.Iterabl
     return dataset
 
 
-def load_labelled(args: DataArguments, count: int | None = None) -> datasets.Dataset:
-    """The first ``count`` examples (all when ``None``) of ``args``'s data as a map-style dataset.
+def load_labelled(args: DataArguments, count: int | None = None, seed: int = 0) -> datasets.Dataset:
+    """A seeded random sample of ``count`` examples (all when ``None``) of ``args``'s data, map-style.
 
-    A streamed dataset is read only that far and materialised, so a kNN bank of a streamed corpus stays cheap.
+    Random rather than the first ``count``: class-sorted corpora (imagefolder, ImageNet) would otherwise give a
+    kNN bank of a few classes. A streamed dataset is read through a shuffle buffer only as far as needed and
+    materialised, so a bank from a streamed corpus stays cheap.
     """
-    args = dataclasses.replace(args, max_train_samples=count if count is not None else args.max_train_samples)
-    dataset = load_raw_dataset(args)
+    dataset = load_raw_dataset(dataclasses.replace(args, max_train_samples=None))
     if isinstance(dataset, datasets.IterableDataset):
-        dataset = datasets.Dataset.from_list(list(dataset), features=dataset.features)
+        if count is not None:
+            dataset = dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size).take(count)
+        return datasets.Dataset.from_list(list(dataset), features=dataset.features)
+    if count is not None and count < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(count))
     return dataset
 
 

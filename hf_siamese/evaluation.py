@@ -18,6 +18,7 @@ from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .hub import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
+from .views import EVAL_CROP_PCT
 from .probing import (
     LAST,
     Features,
@@ -73,7 +74,7 @@ class ProbeArguments:
                                         "(MAE); false gives the plain SimSiam/MoCo v3 head."}
     )
     eval_crop_pct: float = field(
-        default=0.875, metadata={"help": "Evaluation view: resize to size/crop_pct, centre crop (1: resize only)."}
+        default=EVAL_CROP_PCT, metadata={"help": "Evaluation view: resize to size/crop_pct, centre crop (1: resize only)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     seed: int = field(default=0, metadata={"help": "Seed of the heads' init, batch order and augmentation."})
@@ -89,6 +90,11 @@ class ProbeArguments:
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        self.knn_neighbours  # noqa: B018 (validates `knn_k`)
+        for split in ("train", "eval"):
+            if not (self.dataset_name or getattr(self, f"{split}_dir") or getattr(self, f"{split}_data_files")):
+                raise ValueError(f"No {split} data: set `dataset_name` (with `{split}_split`), `{split}_dir` or "
+                                 f"`{split}_data_files`.")
 
     @property
     def knn_neighbours(self) -> list[int]:
@@ -158,7 +164,14 @@ def load_encoder(args: ProbeArguments) -> tuple[torch.nn.Module, InputSpec]:
 
 def run_linear_probe(args: ProbeArguments) -> list[dict]:
     """Probe ``args.model_name_or_path``; returns the result records (also written to ``eval_results.json``)."""
-    torch.manual_seed(args.seed)
+    with torch.random.fork_rng(devices=[]):  # the probe's seed, without touching the caller's random state
+        torch.manual_seed(args.seed)
+        results = _probe(args)
+    _write_results(args, results)
+    return results
+
+
+def _probe(args: ProbeArguments) -> list[dict]:
     model, spec = load_encoder(args)
     levels = parse_levels(args.probe_levels, model)
     stages = [level for level in levels if level != LAST]
@@ -170,12 +183,17 @@ def run_linear_probe(args: ProbeArguments) -> list[dict]:
     extract = dict(label_column=args.label_column, image_column=args.image_column, levels=stages,
                    batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
                    progress=progress, transform=spec.eval_transform(args.eval_crop_pct), input_spec=spec)
-    train_features = extract_features(model, train_raw, **extract)
+    # Cached training features serve kNN and the cached protocol; the augmented one re-encodes every epoch.
+    needs_train_features = bool(args.knn_neighbours) or args.protocol == "cached"
+    train_features = extract_features(model, train_raw, **extract) if needs_train_features else None
     eval_features = extract_features(model, eval_raw, **extract)
 
-    common = {"dataset": args.dataset_id, "split": args.eval_split_name,
-              "num_train": len(train_features.labels), "num_eval": len(eval_features.labels)}
-    results = [{**record, **common} for record in _knn_results(args, train_features, eval_features, levels, num_classes)]
+    common = {"dataset": args.dataset_id, "split": args.eval_split_name, "num_train": len(train_raw),
+              "num_eval": len(eval_features.labels)}
+    results = []
+    if args.knn_neighbours:
+        knn = _knn_results(args, train_features, eval_features, levels, num_classes)
+        results += [{**record, **common} for record in knn]
 
     schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
                              optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
@@ -191,8 +209,6 @@ def run_linear_probe(args: ProbeArguments) -> list[dict]:
         for name, value in classification_accuracy(logits, eval_features.labels).items():
             results.append({"metric": f"{name}_accuracy", "value": value, "protocol": args.protocol, "level": level,
                             "epochs": args.num_train_epochs, **common})
-
-    _write_results(args, results)
     return results
 
 
@@ -229,18 +245,22 @@ def _write_results(args: ProbeArguments, results: list[dict]) -> Path:
     model_dir = Path(args.model_name_or_path)
     if args.output_dir:
         output_dir = Path(args.output_dir)
-    else:
-        output_dir = model_dir if model_dir.is_dir() else Path("outputs/linear_probe")
+    elif model_dir.is_dir():
+        output_dir = model_dir
+    else:  # a Hub id: a folder of its own, so that two models' results never mix
+        output_dir = Path("outputs/linear_probe") / args.model_name_or_path.replace("/", "__")
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / EVAL_RESULTS
-    earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    earlier = saved.get("results", []) if saved.get("model_name_or_path") == args.model_name_or_path else []
     replaced = {_record_identity(record) for record in results}
     merged = [record for record in earlier if _record_identity(record) not in replaced] + results
     path.write_text(json.dumps({"model_name_or_path": args.model_name_or_path, "results": merged}, indent=2))
-    if output_dir.resolve() == model_dir.resolve() and is_siamese_model_dir(model_dir):
-        write_model_card(model_dir)
-    elif (model_dir / "README.md").is_file():
-        add_eval_results_to_model_card(model_dir / "README.md", results)
+    if output_dir.resolve() == model_dir.resolve():  # the model's own directory: its card shows the results
+        if is_siamese_model_dir(model_dir):
+            write_model_card(model_dir)
+        elif (model_dir / "README.md").is_file():
+            add_eval_results_to_model_card(model_dir / "README.md", results)
     logger.info("Wrote %d results to %s", len(results), path)
     return path
 

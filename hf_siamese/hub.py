@@ -20,7 +20,7 @@ from .data import FASHION_MNIST
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .image_processing_siamese import SiameseImageProcessor
 from .modeling_siamese import SiameseForPreTraining
-from .views import channel_stats
+from .views import EVAL_CROP_PCT, channel_stats
 
 TRAINING_RUN = "training_run.json"
 EVAL_RESULTS = "eval_results.json"
@@ -71,7 +71,7 @@ def push_folder(folder: str | Path, repo_id: str, *, commit_message: str, token:
     return api.create_commit(repo_id, operations, commit_message=commit_message)
 
 
-def image_processor_for(config: SiameseConfig, crop_pct: float = 0.875):
+def image_processor_for(config: SiameseConfig, crop_pct: float = EVAL_CROP_PCT):
     """What a downstream user needs to feed the encoder: the evaluation view of ``run_linear_probe`` (short side to
     ``image_size / crop_pct``, centre crop to ``image_size``), the training normalisation, the model's channels."""
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
@@ -207,7 +207,8 @@ def _summary(config: SiameseConfig) -> str:
 
 
 def _feature_width(config: SiameseConfig) -> str:
-    return str(create_backbone(config).num_features)
+    with torch.device("meta"):  # the architecture only: no weights allocated or initialised
+        return str(create_backbone(config).num_features)
 
 
 def _training_table(config: SiameseConfig, run: dict) -> str:
@@ -298,7 +299,7 @@ def loss_curve_svg(points: list[tuple[int, float]], width: int = 640, height: in
     )
 
 
-def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = 0.875) -> Path:
+def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = EVAL_CROP_PCT) -> Path:
     """Write the source encoder in timm's Hub format: loads without hf_siamese, as timm or transformers models.
 
     ``timm.create_model("local-dir:" + output_dir, pretrained=True)`` (``hf-hub:ID`` once pushed) and
@@ -318,7 +319,7 @@ def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = 0.875) 
         "pretrained_cfg": {
             "input_size": [config.num_channels, config.image_size, config.image_size],
             "mean": list(mean), "std": list(std), "crop_pct": crop_pct, "crop_mode": "center",
-            "interpolation": "bicubic", "num_classes": 0,
+            "interpolation": "bilinear", "num_classes": 0,
             **{key: backbone.pretrained_cfg[key] for key in ("first_conv", "classifier") if key in backbone.pretrained_cfg},
         },
         "model_args": dict(backbone.timm_model_args),

@@ -21,7 +21,7 @@ from .backbones import pool_stage
 from .configuration_siamese import SiameseConfig
 from .data import decode_image, find_image_column
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
-from .views import eval_transform, image_mode, linear_probe_transform
+from .views import EVAL_CROP_PCT, eval_transform, image_mode, linear_probe_transform
 
 LAST = "last"
 Level = int | str  # a 1-based stage index, or LAST for the encoder's pooled output
@@ -57,7 +57,7 @@ class InputSpec:
         return cls(image_size, getattr(config, "num_channels", 3), tuple(image_processor.image_mean),
                    tuple(image_processor.image_std))
 
-    def eval_transform(self, crop_pct: float = 1.0):
+    def eval_transform(self, crop_pct: float = EVAL_CROP_PCT):
         return eval_transform(self.image_size, self.num_channels, self.image_mean, self.image_std, crop_pct)
 
     def train_transform(self):
@@ -180,9 +180,12 @@ class ProbeHeads(nn.Module):
     learning rate then suits every model and level whatever the scale of its features.
     """
 
-    def __init__(self, feature_dims: dict[Level, int], num_classes: int, batchnorm: bool = True):
+    def __init__(self, feature_dims: dict[Level, int], num_classes: int, batchnorm: bool = True,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.heads = nn.ModuleDict({str(level): _head(dim, num_classes, batchnorm) for level, dim in feature_dims.items()})
+        self.heads = nn.ModuleDict({
+            str(level): _head(dim, num_classes, batchnorm, generator) for level, dim in feature_dims.items()
+        })
         self.levels = list(feature_dims)
 
     def forward(self, features: dict[Level, torch.Tensor]) -> dict[Level, torch.Tensor]:
@@ -192,9 +195,9 @@ class ProbeHeads(nn.Module):
         return self.heads[str(level)][-1]
 
 
-def _head(dim: int, num_classes: int, batchnorm: bool) -> nn.Sequential:
+def _head(dim: int, num_classes: int, batchnorm: bool, generator: torch.Generator | None) -> nn.Sequential:
     linear = nn.Linear(dim, num_classes)
-    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.normal_(linear.weight, std=0.01, generator=generator)
     nn.init.zeros_(linear.bias)
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if batchnorm else nn.Sequential(linear)
 
@@ -244,16 +247,27 @@ def fit_heads(heads: ProbeHeads, epoch_batches: Callable[[int], Iterator[tuple[d
 def fit_cached_probe(train: Features, levels: list[Level], num_classes: int, schedule: ProbeSchedule,
                      progress: bool = True) -> ProbeHeads:
     """Linear heads trained on features extracted once (the fast protocol)."""
-    heads = ProbeHeads({level: train.at(level).shape[1] for level in levels}, num_classes, schedule.batchnorm)
     generator = torch.Generator().manual_seed(schedule.seed)
+    heads = ProbeHeads({level: train.at(level).shape[1] for level in levels}, num_classes, schedule.batchnorm,
+                       generator)
     count = len(train.labels)
+    _check_trainable(count)
 
     def epoch_batches(epoch: int):
-        for index in torch.randperm(count, generator=generator).split(schedule.batch_size):
+        chunks = list(torch.randperm(count, generator=generator).split(schedule.batch_size))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:  # BatchNorm cannot train on one example
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        for index in chunks:
             yield {level: train.at(level)[index] for level in levels}, train.labels[index]
 
-    fit_heads(heads, epoch_batches, -(-count // schedule.batch_size), schedule, progress)
+    steps = count // schedule.batch_size + (count % schedule.batch_size > 1)
+    fit_heads(heads, epoch_batches, max(steps, 1), schedule, progress)
     return heads
+
+
+def _check_trainable(count: int) -> None:
+    if count < 2:
+        raise ValueError(f"The linear probe needs at least 2 training examples, got {count}.")
 
 
 def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_classes: int,
@@ -266,10 +280,12 @@ def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_
         probe_batch = next(iter(DataLoader(images, batch_size=2)))[0].to(device)
         features = encode(model, probe_batch, stages)
     dims = {level: features[level].shape[1] for level in levels}
-    heads = ProbeHeads(dims, num_classes, schedule.batchnorm).to(device)
     generator = torch.Generator().manual_seed(schedule.seed)
+    heads = ProbeHeads(dims, num_classes, schedule.batchnorm, generator).to(device)
+    _check_trainable(len(images))
+    # A last batch of one image would stop BatchNorm in train mode: drop it (one image per epoch).
     loader = DataLoader(images, batch_size=schedule.batch_size, shuffle=True, num_workers=num_workers,
-                        generator=generator)
+                        generator=generator, drop_last=len(images) % schedule.batch_size == 1)
 
     def epoch_batches(epoch: int):
         for pixels, labels in loader:
@@ -289,16 +305,16 @@ def predict(heads: ProbeHeads, features: Features) -> dict[Level, torch.Tensor]:
 
 
 class FrozenEncoderCheck:
-    """A copy of every weight and buffer (BN statistics included), to prove that probing changed none of them."""
+    """A CPU copy of every weight and buffer (BN statistics included), to prove that probing changed none of them."""
 
     def __init__(self, model: nn.Module):
-        self.snapshot = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        self.snapshot = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
 
     def verify(self, model: nn.Module) -> None:
         """Raise ``RuntimeError`` naming the first tensor that differs from the snapshot."""
         current = model.state_dict()
         for name, before in self.snapshot.items():
-            if not torch.equal(before, current[name]):
+            if not torch.equal(before, current[name].cpu()):
                 raise RuntimeError(f"The encoder changed during probing: {name!r} differs from its value before.")
 
 

@@ -139,7 +139,8 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         step, epoch, batch_in_epoch = _load_checkpoint(accelerator, output_dir, args.resume_from_checkpoint)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers("hf_siamese", config={**asdict(args), **asdict(data_args), "framework": config.framework})
+    tracked = {**asdict(args), **asdict(data_args), "framework": config.framework, "hub_token": None}  # no secrets
+    accelerator.init_trackers("hf_siamese", config=tracked)
     monitor = _variance_monitor(args, raw, transform, config, data_args.image_column)
     online_knn = _online_knn(args, data_args, accelerator)
 
@@ -393,8 +394,9 @@ def _online_knn(args: PretrainingArguments, data_args: DataArguments, accelerato
         raise ValueError("`eval_steps` (online kNN) needs whole parameters on one process; ZeRO-3 partitions them.")
     if not accelerator.is_main_process:
         return None
-    bank = load_labelled(data_args, data_args.knn_bank_size)
-    return OnlineKNN(bank, load_labelled(held_out), label_column=data_args.label_column,
+    bank = load_labelled(data_args, data_args.knn_bank_size, seed=args.seed)
+    queries = load_labelled(held_out, data_args.max_eval_samples, seed=args.seed)
+    return OnlineKNN(bank, queries, label_column=data_args.label_column,
                      image_column=data_args.image_column, k=args.knn_k, temperature=args.knn_temperature,
                      batch_size=args.per_device_train_batch_size)
 

@@ -25,6 +25,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RAND_AUGMENT = "rand-m10-n2-mstd0.5"  # Asym-Siam's AsymAug source policy
+EVAL_CROP_PCT = 0.875  # the ImageNet evaluation view: short side to size / 0.875 (256 for 224), centre crop
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) 
 
 
 def eval_transform(image_size: int, num_channels: int, image_mean=None, image_std=None,
-                   crop_pct: float = 1.0) -> v2.Compose:
+                   crop_pct: float = EVAL_CROP_PCT) -> v2.Compose:
     """Deterministic evaluation view, normalised as in training.
 
     ``crop_pct=1`` resizes the whole image to ``image_size``; below 1 it is the ImageNet protocol: resize the

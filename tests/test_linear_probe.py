@@ -55,8 +55,8 @@ def model_dir(tmp_path) -> Path:
 def probe(model_dir, data, *extra) -> list[dict]:
     run_linear_probe.main([
         "--model_name_or_path", str(model_dir), "--train_data_files", data["train"], "--eval_data_files",
-        data["test"], "--num_train_epochs", "30", "--per_device_train_batch_size", "16", "--learning_rate", "4.0", "--disable_tqdm", "true",
-        *extra,
+        data["test"], "--num_train_epochs", "30", "--per_device_train_batch_size", "16", "--learning_rate", "4.0",
+        "--disable_tqdm", "true", *extra,
     ])
     return json.loads((Path(model_dir) / "eval_results.json").read_text())["results"]
 
@@ -103,7 +103,7 @@ def test_a_timm_wrapped_model_through_automodel(tmp_path, data):
     TimmWrapperModel(config).save_pretrained(tmp_path)
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# Somebody's timm model\n")
     assert TimmWrapperImageProcessor(pretrained_cfg=pretrained_cfg).data_config["input_size"] == (1, 32, 32)
-    model, spec = load_encoder(ProbeArguments(model_name_or_path=str(tmp_path)))
+    model, spec = load_encoder(ProbeArguments(model_name_or_path=str(tmp_path), dataset_name="unused"))
     assert type(model).__name__ == "TimmWrapperModel"
     assert spec == InputSpec(image_size=32, num_channels=1, image_mean=(0.5,), image_std=(0.25,))
     results = by_key(probe(tmp_path, data, "--knn_k", "5"))
@@ -113,6 +113,10 @@ def test_a_timm_wrapped_model_through_automodel(tmp_path, data):
     assert card.data.license == "mit" and "# Somebody's timm model" in card.text
     assert {r.metric_name: r.metric_value for r in card.data.eval_results}["Top1 accuracy, Linear probe"] == \
         results["cached", "last", "top1_accuracy", None]
+    before = (tmp_path / "README.md").read_text()
+    probe(tmp_path, data, "--knn_k", "", "--num_train_epochs", "1", "--output_dir", str(tmp_path / "elsewhere"))
+    assert (tmp_path / "elsewhere" / "eval_results.json").is_file()
+    assert (tmp_path / "README.md").read_text() == before  # results written elsewhere leave the card alone
     with pytest.raises(ValueError, match="`probe_levels` 'all' needs an hf_siamese model"):
         probe(tmp_path, data, "--probe_levels", "all")
 
@@ -125,6 +129,8 @@ def test_levels_and_arguments_are_checked():
         parse_levels("5", model)
     with pytest.raises(ValueError, match="`protocol` must be one of"):
         ProbeArguments(model_name_or_path="x", protocol="finetune")
+    with pytest.raises(ValueError, match="No eval data: set `dataset_name` \\(with `eval_split`\\), `eval_dir`"):
+        ProbeArguments(model_name_or_path="x", train_dir="images")
     with pytest.raises(ValueError, match="`knn_k` must be comma-separated integers"):
         ProbeArguments(model_name_or_path="x", knn_k="twenty").knn_neighbours
 

@@ -31,4 +31,5 @@ def test_classification_accuracy_matches_a_direct_computation():
     result = classification_accuracy(logits, labels)
     top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
     assert result == pytest.approx({"top1": (logits.argmax(1) == labels).float().mean().item(), "top5": top5})
-    assert set(classification_accuracy(logits[:, :4], labels.clamp(max=3))) == {"top1"}  # top-5 of 4 classes is 1
+    assert set(classification_accuracy(logits[:, :5], labels.clamp(max=4))) == {"top1"}  # top-5 of 5 classes is 1
+    assert set(classification_accuracy(logits[:, :6], labels.clamp(max=5))) == {"top1", "top5"}

@@ -79,11 +79,22 @@ def test_linear_probe_learns_a_linearly_separable_problem():
     assert accuracy >= 0.99
 
 
-def test_probe_heads_start_at_n_0_001_with_zero_bias():
+def test_probe_heads_start_at_n_0_01_with_zero_bias_from_the_schedules_seed():
     train = Features(torch.randn(10, 2048), torch.arange(10))
     heads = fit_cached_probe(train, ["last"], 1000, ProbeSchedule(epochs=1, learning_rate=0.0), progress=False)
     linear = heads.linear("last")
     assert linear.weight.std().item() == pytest.approx(0.01, rel=0.02) and linear.bias.abs().max() == 0
+    torch.manual_seed(123)  # the global generator plays no part
+    again = fit_cached_probe(train, ["last"], 1000, ProbeSchedule(epochs=1, learning_rate=0.0), progress=False)
+    assert torch.equal(again.linear("last").weight, linear.weight)
+
+
+def test_a_last_batch_of_one_example_is_merged_not_fed_alone_to_batchnorm():
+    train = Features(torch.randn(17, 8), torch.arange(17) % 2)
+    heads = fit_cached_probe(train, ["last"], 2, ProbeSchedule(epochs=2, batch_size=16), progress=False)
+    assert heads.heads["last"][0].num_batches_tracked.item() == 2  # one batch of 17 per epoch
+    with pytest.raises(ValueError, match="at least 2 training examples, got 1"):
+        fit_cached_probe(Features(torch.randn(1, 8), torch.tensor([0])), ["last"], 2, ProbeSchedule(), progress=False)
 
 
 def test_frozen_encoder_check_catches_a_changed_weight_or_bn_statistic():

@@ -11,14 +11,16 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from images import structured_images
 from PIL import Image
 from safetensors.torch import load_file
-from huggingface_hub import ModelCard
 from transformers import AutoModel
 
 from hf_siamese import SiameseModel
 from hf_siamese.cli import parse_pretraining_args
+from hf_siamese.data import load_labelled
+from hf_siamese.probing import extract_features, knn_classify
 from hf_siamese.training import completed_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,18 +120,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
 
 
 def test_online_knn_is_logged_and_does_not_change_training(parquet_files, tmp_path):
-    # The parquet's label column numbers the images, so a labelled held-out split is a slice of them.
+    # Held out: 12 of the 64 training images, labelled as there; those in the sampled bank are found again.
+    held_out = write_parquet(tmp_path / "held_out", structured_images(64)[:12], num_shards=1)
     args = ["--framework", "byol", "--max_steps", "4", "--deterministic", "true", "--streaming", "true"]
     plain = tmp_path / "plain"
     run(common_args(parquet_files, plain, *args))
     evaluated = tmp_path / "evaluated"
-    run(common_args(parquet_files, evaluated, *args, "--eval_steps", "3", "--eval_data_files", parquet_files,
-                    "--max_eval_samples", "16", "--knn_bank_size", "32", "--knn_k", "1"))
+    run(common_args(parquet_files, evaluated, *args, "--eval_steps", "3", "--eval_data_files", held_out,
+                    "--knn_bank_size", "32", "--knn_k", "5"))
     records = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
-    knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
-    assert [step for step, _ in knn] == [3, 4]  # every eval_steps, and at the end
-    # Held-out images 0-15 are also bank images 0-15 with the same label: 1-NN must find them.
-    assert all(value == 1.0 for _, value in knn)
+    knn = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
+    assert list(knn) == [3, 4]  # every eval_steps, and at the end
+
+    # The last value is the saved encoder's kNN on the same bank (a seeded sample) and held-out images.
+    data_args = parse_pretraining_args(common_args(parquet_files, evaluated, *args, "--knn_bank_size", "32",
+                                                   "--eval_data_files", held_out))[1]
+    bank = load_labelled(data_args, 32, seed=42)
+    assert len(bank) == 32 and bank["label"] != list(range(32))  # a random sample, not the first 32
+    encoder = AutoModel.from_pretrained(evaluated)
+    bank_features = extract_features(encoder, bank, progress=False)
+    queries = extract_features(encoder, load_labelled(data_args.held_out()), progress=False)
+    predictions = knn_classify(bank_features, queries.features, k=5, temperature=0.07)
+    assert knn[4] == (predictions == queries.labels).float().mean().item()
+
     expected, actual = load_file(plain / "model.safetensors"), load_file(evaluated / "model.safetensors")
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
