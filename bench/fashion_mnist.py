@@ -155,7 +155,7 @@ def plot(results_path: Path) -> list[Path]:
                  width=0.4, label=key)
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set(ylabel="top-1 on the test set (%)", title="Fashion-MNIST probes")
-    axes.legend()
+    axes.legend(loc="lower right")
     paths = [results_path.with_name(f"{results_path.stem}_{kind}.png") for kind in ("loss", "accuracy")]
     for figure, path in zip((losses, accuracy), paths):
         figure.tight_layout()
