@@ -32,6 +32,7 @@ from .probing import (
     fit_cached_probe,
     knn_classify,
     predict,
+    require_label_column,
 )
 
 logger = logging.getLogger(__name__)
@@ -229,8 +230,7 @@ def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: 
 def _num_classes(train_raw, eval_raw, label_column: str) -> int:
     """Classes of the label column: its ``ClassLabel`` size, else the largest label + 1 (labels checked)."""
     for raw in (train_raw, eval_raw):
-        if label_column not in raw.column_names:
-            raise ValueError(f"`label_column` {label_column!r} is not in the dataset; its columns are {raw.column_names}.")
+        require_label_column(raw, label_column)
     feature = train_raw.features.get(label_column) if train_raw.features else None
     if getattr(feature, "num_classes", None):
         return feature.num_classes

@@ -69,10 +69,7 @@ class LabelledImages(Dataset):
 
     def __init__(self, dataset, transform: Callable, *, num_channels: int, label_column: str = "label",
                  image_column: str | None = None):
-        if label_column not in dataset.column_names:
-            raise ValueError(
-                f"`label_column` {label_column!r} is not in the dataset; its columns are {dataset.column_names}."
-            )
+        require_label_column(dataset, label_column)
         self.dataset = dataset
         self.transform = transform
         self.mode = image_mode(num_channels)
@@ -88,6 +85,14 @@ class LabelledImages(Dataset):
         if image is None:
             raise ValueError(f"Row {index} of the evaluation data: column {self.image_column!r} is not a decodable image.")
         return self.transform(image), int(row[self.label_column])
+
+
+def require_label_column(dataset, label_column: str, context: str = "") -> None:
+    """Raise ``ValueError`` naming ``label_column`` and the columns there are, when ``dataset`` lacks it."""
+    if label_column not in dataset.column_names:
+        raise ValueError(
+            f"{context}`label_column` {label_column!r} is not in the dataset; its columns are {dataset.column_names}."
+        )
 
 
 @dataclass
@@ -328,9 +333,7 @@ class OnlineKNN:
     def __init__(self, bank, queries, *, label_column: str = "label", image_column: str | None = None, k: int = 20,
                  temperature: float = 0.07, batch_size: int = 256):
         for name, dataset in (("training", bank), ("held-out", queries)):
-            if label_column not in dataset.column_names:
-                raise ValueError(f"The online kNN needs labels: `label_column` {label_column!r} is not in the {name} "
-                                 f"data (columns {dataset.column_names}).")
+            require_label_column(dataset, label_column, f"The online kNN needs labels in its {name} data: ")
         self.bank, self.queries = bank, queries
         self.extract = dict(label_column=label_column, image_column=image_column, batch_size=batch_size,
                             progress=False)
