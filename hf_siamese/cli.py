@@ -5,10 +5,12 @@ be set in the recipe or on the command line; an unknown key is an error that nam
 """
 
 import argparse
-import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
 
 from .configuration_siamese import SiameseConfig
@@ -17,7 +19,9 @@ from .training import PretrainingArguments
 
 # The model's own fields (not PreTrainedConfig's generic ones): what a recipe may set about the model.
 MODEL_FIELDS = tuple(name for name in SiameseConfig.__annotations__ if not name.startswith("_"))
-ARGUMENT_FIELDS = frozenset(f.name for cls in (DataArguments, PretrainingArguments) for f in dataclasses.fields(cls))
+ARGUMENT_TYPES = {name: annotation for cls in (DataArguments, PretrainingArguments)
+                  for name, annotation in typing.get_type_hints(cls).items()}
+ARGUMENT_FIELDS = frozenset(ARGUMENT_TYPES)
 
 
 def pretraining_parser() -> HfArgumentParser:
@@ -46,7 +50,12 @@ def parse_pretraining_args(argv: list[str] | None = None) -> tuple[SiameseConfig
     namespace = outputs[2] if len(outputs) > 2 else argparse.Namespace()
     model_fields = {k: v for k, v in recipe.items() if k in MODEL_FIELDS}
     model_fields.update({k: getattr(namespace, k) for k in MODEL_FIELDS if hasattr(namespace, k)})
-    return SiameseConfig(**model_fields), data_args, train_args
+    try:
+        config = SiameseConfig(**model_fields)
+    except StrictDataclassError as error:  # a value of the wrong type; the message names the field
+        where = f" (recipe {known.config})" if known.config else ""
+        raise ValueError(f"Invalid model field{where}: {' '.join(str(error).split())}") from error
+    return config, data_args, train_args
 
 
 def load_recipe(path: Path) -> dict:
@@ -60,4 +69,31 @@ def load_recipe(path: Path) -> dict:
     unknown = sorted(set(recipe) - set(MODEL_FIELDS) - ARGUMENT_FIELDS)
     if unknown:
         raise ValueError(f"Unknown field(s) {unknown} in recipe {path}; see `run_pretraining.py --help`.")
+    for name, value in recipe.items():
+        if name in ARGUMENT_TYPES and not _matches(value, ARGUMENT_TYPES[name]):
+            raise ValueError(f"`{name}` in recipe {path} must be {_describe(ARGUMENT_TYPES[name])}, got {value!r}.")
     return recipe
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a YAML value fits a dataclass field's type: ``int | None``, ``float``, ``str``, ``bool``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; argparse converts it
+            try:
+                float(value)
+            except ValueError:
+                return False
+            return True
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation) -> str:
+    options = typing.get_args(annotation) or (annotation,)
+    return " or ".join("null" if option is type(None) else option.__name__ for option in options)

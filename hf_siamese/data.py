@@ -10,6 +10,7 @@ replays exactly the same views whatever the model did with the global random sta
 
 import dataclasses
 import io
+import logging
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
@@ -26,8 +27,11 @@ from datasets.distributed import split_dataset_by_node
 
 from .views import collate_views, image_mode
 
+logger = logging.getLogger(__name__)
+
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
 FASHION_MNIST = "fashion_mnist"
+MAX_SKIP_WARNINGS = 10  # per process; every skip is counted in `skipped_images`
 
 
 @dataclass
@@ -74,28 +78,38 @@ class DataArguments:
 
 
 def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
-    """The dataset named by ``args``, before any decoding."""
-    if args.dataset_name == FASHION_MNIST:
-        from .fashion_mnist import load_fashion_mnist
-
-        dataset = load_fashion_mnist(args.split)
-    elif args.dataset_name:
-        dataset = datasets.load_dataset(
-            args.dataset_name, args.dataset_config, split=args.split, streaming=args.streaming
-        )
-    elif args.train_dir:
-        dataset = datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train", streaming=args.streaming)
-    elif args.data_files:
-        builder = "webdataset" if args.data_files.endswith(".tar") else "parquet"
-        dataset = datasets.load_dataset(builder, data_files={"train": args.data_files}, split="train", streaming=args.streaming)
-    else:
-        raise ValueError("No training data: set `dataset_name`, `train_dir` or `data_files`.")
+    """The dataset named by ``args``, before any decoding; an empty one is an error naming where it came from."""
+    source = f"{args.dataset_name!r} (split {args.split!r})" if args.dataset_name else repr(args.train_dir or args.data_files)
+    try:
+        dataset = _load(args)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for a split without rows
+            raise ValueError(f"The dataset {source} is empty.") from error
+        raise
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The dataset {source} is empty.")
     if args.max_train_samples is not None:
         if isinstance(dataset, datasets.IterableDataset):
             dataset = dataset.take(args.max_train_samples)
         else:
             dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     return dataset
+
+
+def _load(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
+    if args.dataset_name == FASHION_MNIST:
+        from .fashion_mnist import load_fashion_mnist
+
+        return load_fashion_mnist(args.split)
+    if args.dataset_name:
+        return datasets.load_dataset(args.dataset_name, args.dataset_config, split=args.split, streaming=args.streaming)
+    if args.train_dir:
+        return datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train", streaming=args.streaming)
+    if args.data_files:
+        builder = "webdataset" if args.data_files.endswith(".tar") else "parquet"
+        return datasets.load_dataset(builder, data_files={"train": args.data_files}, split="train",
+                                     streaming=args.streaming)
+    raise ValueError("No training data: set `dataset_name`, `train_dir` or `data_files`.")
 
 
 def load_labelled(args: DataArguments, count: int | None = None, seed: int = 0) -> datasets.Dataset:
@@ -129,15 +143,30 @@ def find_image_column(column_names: list[str], requested: str | None = None) -> 
     )
 
 
+class UndecodableImage(ValueError):
+    """An example's image cannot be turned into pixels; the message says why."""
+
+
 def decode_image(value, mode: str) -> Image.Image | None:
-    """A PIL image in ``mode`` ('RGB' or 'L') from what a dataset holds, or ``None`` when it cannot be decoded.
+    """A PIL image in ``mode`` ('RGB' or 'L') from what a dataset holds, or ``None`` when it cannot be decoded."""
+    try:
+        return open_image(value, mode)
+    except UndecodableImage:
+        return None
+
+
+def open_image(value, mode: str) -> Image.Image:
+    """A PIL image in ``mode`` from what a dataset holds; :class:`UndecodableImage` saying why when impossible.
 
     Takes PIL images, ``{"bytes", "path"}`` dicts (``datasets.Image(decode=False)``), raw bytes and arrays.
-    Palette, CMYK, RGBA, 16-bit and 1-bit images are converted; nothing is silently left in another mode.
+    Palette, CMYK, RGBA, 16-bit and 1-bit images are converted; nothing is silently left in another mode. Empty
+    files, zero-sized images and decompression bombs (PIL's ``MAX_IMAGE_PIXELS`` guard) are undecodable.
     """
     try:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
+            if not value:
+                raise UndecodableImage("empty image: no bytes and no path")
         if isinstance(value, (bytes, bytearray)):
             image = Image.open(io.BytesIO(value))
         elif isinstance(value, str):
@@ -147,11 +176,15 @@ def decode_image(value, mode: str) -> Image.Image | None:
         elif isinstance(value, Image.Image):
             image = value
         else:
-            return None
+            raise UndecodableImage(f"not an image: a {type(value).__name__}")
+        if image.width == 0 or image.height == 0:
+            raise UndecodableImage(f"zero-sized image ({image.width}x{image.height})")
         image.load()
         return _convert(image, mode)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError):
-        return None
+    except UndecodableImage:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as error:
+        raise UndecodableImage(f"{type(error).__name__}: {error}") from error
 
 
 def _convert(image: Image.Image, mode: str) -> Image.Image:
@@ -208,10 +241,16 @@ class ViewStream(torch.utils.data.IterableDataset):
         worker = get_worker_info()
         worker_id = worker.id if worker is not None else 0
         for position, example in enumerate(self.dataset):
-            image = decode_image(example[self.image_column], self.mode)
-            if image is None:
+            try:
+                image = open_image(example[self.image_column], self.mode)
+            except UndecodableImage as error:
                 with self.skipped.get_lock():
                     self.skipped.value += 1
+                    count = self.skipped.value
+                if count <= MAX_SKIP_WARNINGS:
+                    logger.warning("Skipping example %d of epoch %d (rank %d, worker %d): %s%s", position, self.epoch,
+                                   self.rank, worker_id, error,
+                                   " (further skips are only counted)" if count == MAX_SKIP_WARNINGS else "")
                 continue
             with seeded_randomness(self.seed, self.epoch, self.rank, worker_id, position):
                 yield self.transform(image)
@@ -233,10 +272,7 @@ class PretrainingData:
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset(num_shards=max(world_size * max(num_workers, 1), 1))
         column = find_image_column(_column_names(dataset), image_column)
-        # Decode ourselves: a corrupt image must be skipped, not raise inside `datasets`.
-        if isinstance(dataset.features, datasets.Features) and isinstance(dataset.features.get(column), datasets.Image):
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        dataset = undecoded(dataset, column).shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.batch_size = batch_size
         self.world_size = world_size
@@ -279,6 +315,14 @@ class PretrainingData:
                     "(empty, too small for the batch size, or every image undecodable)."
                 )
             epoch += 1
+
+
+def undecoded(dataset, column: str):
+    """``dataset`` with ``column`` left as bytes: we decode ourselves, so that a corrupt image is skipped or named
+    by our code instead of raising inside ``datasets``."""
+    if isinstance(dataset.features, datasets.Features) and isinstance(dataset.features.get(column), datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
 
 def _known_length(dataset) -> int | None:

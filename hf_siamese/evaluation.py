@@ -229,14 +229,18 @@ def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: 
 
 def _num_classes(train_raw, eval_raw, label_column: str) -> int:
     """Classes of the label column: its ``ClassLabel`` size, else the largest label + 1 (labels checked)."""
-    for raw in (train_raw, eval_raw):
-        require_label_column(raw, label_column)
+    for raw, which in ((train_raw, "training"), (eval_raw, "evaluation")):
+        if len(raw) == 0:
+            raise ValueError(f"The probe's {which} data is empty (0 rows).")
+        require_label_column(raw, label_column, context=f"Probe {which} data: ")
     feature = train_raw.features.get(label_column) if train_raw.features else None
     if getattr(feature, "num_classes", None):
         return feature.num_classes
     labels = list(train_raw[label_column]) + list(eval_raw[label_column])
-    if not labels or not all(isinstance(label, int) and label >= 0 for label in labels):
-        raise ValueError(f"`label_column` {label_column!r} must hold non-negative integer labels.")
+    wrong = next((label for label in labels if not isinstance(label, int) or label < 0), None)
+    if wrong is not None:
+        raise ValueError(f"`label_column` {label_column!r} must hold non-negative integer class ids (a ClassLabel or "
+                         f"int column), got {wrong!r}.")
     return max(labels) + 1
 
 

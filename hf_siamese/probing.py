@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .backbones import pool_stage
 from .configuration_siamese import SiameseConfig
-from .data import decode_image, find_image_column
+from .data import UndecodableImage, find_image_column, open_image, undecoded
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .views import EVAL_CROP_PCT, eval_transform, image_mode, linear_probe_transform
 
@@ -70,20 +70,21 @@ class LabelledImages(Dataset):
     def __init__(self, dataset, transform: Callable, *, num_channels: int, label_column: str = "label",
                  image_column: str | None = None):
         require_label_column(dataset, label_column)
-        self.dataset = dataset
+        self.image_column = find_image_column(list(dataset.column_names), image_column)
+        self.dataset = undecoded(dataset, self.image_column)
         self.transform = transform
         self.mode = image_mode(num_channels)
         self.label_column = label_column
-        self.image_column = find_image_column(list(dataset.column_names), image_column)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.dataset[index]
-        image = decode_image(row[self.image_column], self.mode)
-        if image is None:
-            raise ValueError(f"Row {index} of the evaluation data: column {self.image_column!r} is not a decodable image.")
+        try:
+            image = open_image(row[self.image_column], self.mode)
+        except UndecodableImage as error:
+            raise UndecodableImage(f"Row {index} of the probe data, column {self.image_column!r}: {error}") from error
         return self.transform(image), int(row[self.label_column])
 
 

@@ -10,9 +10,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -20,6 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from .checkpointing import (
+    ResumePoint, checkpoint_step, completed_checkpoints, load_checkpoint, remove_unfinished, save_checkpoint,
+    set_aside_checkpoints,
+)
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
 from .hub import TRAINING_RUN, export_timm, push_folder, save_image_processor, write_model_card
@@ -30,10 +34,6 @@ from .variance import VarianceMonitor
 from .views import MultiViewTransform
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
-
 
 @dataclass
 class PretrainingArguments:
@@ -63,6 +63,9 @@ class PretrainingArguments:
         default=False, metadata={"help": "Deterministic kernels: same seed and data give identical weights."}
     )
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Seconds a process waits in a collective before failing (as in transformers)."}
+    )
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs (CUDA only)."})
     report_to: str = field(default="auto", metadata={"help": "Trackers: auto (tensorboard if installed), none, or names."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
@@ -130,15 +133,18 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
             args.per_device_train_batch_size
         )
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Stepped once per optimizer step by us: accelerate's wrapper would step it once per process.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not prepared: we step it once per optimizer step, and checkpoint it as JSON (see checkpointing.py).
     unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if args.resume_from_checkpoint:
-        step, epoch, batch_in_epoch = _load_checkpoint(accelerator, output_dir, args.resume_from_checkpoint)
+    resume = ResumePoint()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for name in remove_unfinished(output_dir):
+            logger.warning("Removed %s, left by an interrupted checkpoint save or deletion.", name)
+    accelerator.wait_for_everyone()
+    if args.resume_from_checkpoint:
+        resume = load_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, scheduler)
+    step = resume.step
     tracked = {**asdict(args), **asdict(data_args), "framework": config.framework, "hub_token": None}  # no secrets
     accelerator.init_trackers("hf_siamese", config=tracked)
     monitor = _variance_monitor(args, raw, transform, config, data_args.image_column)
@@ -147,13 +153,15 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
     metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step)
+    guard = DivergenceGuard(accelerator, output_dir)
     loss_value = float("nan")
-    batches = data.batches(start_epoch=epoch, start_batch=batch_in_epoch)
+    batches = data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
     while step < total_steps:
         epoch, batch_index, batch = next(batches)
         batch = {key: [view.to(accelerator.device, non_blocking=True) for view in views] for key, views in batch.items()}
         with accelerator.accumulate(model):
             output = model(**batch)
+            guard.observe(output.loss, step + 1)
             accelerator.backward(output.loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -170,6 +178,10 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
             unwrapped.momentum_update(momentum)
         metrics.advance()
 
+        checkpoint_due = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and step < total_steps
+        saving = checkpoint_due or step == total_steps
+        if saving or step % args.logging_steps == 0:  # nothing non-finite is logged as normal, or saved
+            guard.check(step, model.parameters() if saving else None)
         if step % args.logging_steps == 0 or step == total_steps:
             loss_value = accelerator.reduce(output.loss.detach(), reduction="mean").item()
             record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
@@ -187,9 +199,9 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
             if accelerator.is_main_process:
                 metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
             accelerator.wait_for_everyone()
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < total_steps:
-            checkpoint = save_checkpoint(accelerator, output_dir, step, epoch, batch_index + 1,
-                                         args.checkpoints_total_limit)
+        if checkpoint_due:
+            checkpoint = save_checkpoint(accelerator, output_dir, ResumePoint(step, epoch, batch_index + 1),
+                                         scheduler, args.checkpoints_total_limit)
             if args.push_checkpoints and accelerator.is_main_process:
                 _push_checkpoint(args, output_dir, checkpoint, step)
     metrics.close()
@@ -213,6 +225,55 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN or infinite loss or weights): it stops, nothing after the last good checkpoint saved."""
+
+
+class DivergenceGuard:
+    """Stops a diverged run before it logs, checkpoints or saves anything non-finite.
+
+    ``observe`` notes the first step whose loss is not finite on the device, so the training step never waits for
+    it; ``check`` (collective) raises :class:`NonFiniteLossError` on every process once any process saw one, and
+    with ``parameters`` also when an update turned a weight non-finite (a finite loss can precede that). A loss that
+    is not finite at step ``s`` was computed from the weights of step ``s - 1``: a checkpoint saved there is set
+    aside as ``diverged-checkpoint-{s-1}``, so that resuming from 'latest' takes the last good one.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.first_bad_step = torch.tensor(-1, device=accelerator.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+
+    def check(self, step: int, parameters=None) -> None:
+        weights_bad = torch.tensor(False, device=self.first_bad_step.device)
+        if parameters is not None:
+            weights_bad = ~torch.stack([torch.isfinite(p.detach()).all() for p in parameters if p.numel()]).all()
+        flags = torch.stack([self.first_bad_step, torch.where(weights_bad, step, -1)])
+        gathered = self.accelerator.gather(flags[None]).reshape(-1, 2)
+        loss_steps, weight_steps = ([int(v) for v in column.tolist() if v >= 0] for column in gathered.T)
+        if not loss_steps and not weight_steps:
+            return
+        if loss_steps:
+            bad_weights_step = min(loss_steps) - 1
+            what = (f"the loss became NaN or infinite at step {min(loss_steps)} (computed from the weights after "
+                    f"step {bad_weights_step})")
+        else:
+            bad_weights_step = min(weight_steps)
+            what = f"a weight became NaN or infinite at step {bad_weights_step}"
+        good = [path for path in completed_checkpoints(self.output_dir) if checkpoint_step(path) < bad_weights_step]
+        if self.accelerator.is_main_process:
+            for path in set_aside_checkpoints(self.output_dir, bad_weights_step):
+                logger.error("Set aside %s: its weights diverged.", path)
+        where = (f"The last good checkpoint is {good[-1]}; resume from it with a lower `learning_rate` or a "
+                 "`max_grad_norm`." if good else
+                 "No good checkpoint was saved before it; lower `learning_rate` or set `max_grad_norm`.")
+        raise NonFiniteLossError(f"Training diverged: {what}. It stopped without saving the model. {where}")
+
+
 class _MetricsLogger:
     """Step metrics to the progress bar, the trackers and ``metrics.jsonl`` (one JSON line per record)."""
 
@@ -223,6 +284,10 @@ class _MetricsLogger:
                              disable=not accelerator.is_local_main_process)
         self.started = self.since = time.time()
         self.images = 0
+        if initial_step and accelerator.is_main_process and path.exists():
+            # A resumed run replays the steps after its checkpoint: drop what the interrupted run logged for them.
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= initial_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
 
     @property
     def elapsed(self) -> float:
@@ -249,6 +314,14 @@ class _MetricsLogger:
 
     def close(self) -> None:
         self.progress.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line cut short by a kill counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _training_run(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, steps: int,
@@ -307,11 +380,10 @@ def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
 
 
 def _make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerator:
-    handlers = []
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if deepspeed and not torch.cuda.is_available():
-        # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
+    backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
     return Accelerator(
         # Without a GPU, `cpu=True` turns a multi-process launch into MULTI_CPU over gloo (else every process
         # believes it is alone and the main one).
@@ -338,7 +410,8 @@ def _trackers(report_to: str):
 
 def _build_model(config: SiameseConfig, args: PretrainingArguments, accelerator: Accelerator) -> SiameseForPreTraining:
     if args.model_name_or_path:
-        model = SiameseForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+        # Weights only from safetensors: a pickled checkpoint is never opened.
+        model = SiameseForPreTraining.from_pretrained(args.model_name_or_path, config=config, use_safetensors=True)
     else:
         model = SiameseForPreTraining(config)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -399,57 +472,3 @@ def _online_knn(args: PretrainingArguments, data_args: DataArguments, accelerato
     return OnlineKNN(bank, queries, label_column=data_args.label_column,
                      image_column=data_args.image_column, k=args.knn_k, temperature=args.knn_temperature,
                      batch_size=args.per_device_train_batch_size)
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, epoch: int, batches_done: int,
-                    total_limit: int | None) -> Path:
-    """``output_dir/checkpoint-{step}``, complete or absent: written under a temporary name, then renamed."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    data_state = {"epoch": epoch, "batches_done": batches_done}
-    (temporary / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / TRAINER_STATE).write_text(json.dumps({"global_step": step}))  # written last: marks complete
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-        if total_limit:
-            for old in completed_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def completed_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
-    found = [
-        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and (path / TRAINER_STATE).exists() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
-    ]
-    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
-
-
-def _load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str) -> tuple[int, int, int]:
-    if which == "latest":
-        checkpoints = completed_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("No checkpoint in %s: starting from scratch.", output_dir)
-            return 0, 0, 0
-        path = checkpoints[-1]
-    else:
-        path = Path(which)
-        if not (path / TRAINER_STATE).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
-    accelerator.load_state(str(path))
-    step = json.loads((path / TRAINER_STATE).read_text())["global_step"]
-    data_state_file = path / f"data_state_{accelerator.process_index}.json"
-    if not data_state_file.exists():
-        raise ValueError(f"{path} was saved with a different number of processes (no {data_state_file.name}).")
-    data_state = json.loads(data_state_file.read_text())
-    logger.info("Resumed from %s at step %d", path, step)
-    return step, data_state["epoch"], data_state["batches_done"]

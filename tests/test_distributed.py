@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,15 +92,21 @@ def _deepspeed_launch(config_name, args, cwd):
 
 def test_deepspeed_zero2_on_cpu(tmp_path):
     files = write_parquet(tmp_path / "data", structured_images(64))
-    result = _deepspeed_launch("deepspeed_zero2.yaml", [
-        str(ROOT / "run_pretraining.py"), "--data_files", files, "--output_dir", str(tmp_path / "out"),
-        "--framework", "byol", *TINY_MODEL, "--per_device_train_batch_size", "8", "--max_steps", "3",
-        "--report_to", "none", "--logging_steps", "1", "--checkpointing_steps", "2"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+
+    def pretrain(*extra):
+        result = _deepspeed_launch("deepspeed_zero2.yaml", [
+            str(ROOT / "run_pretraining.py"), "--data_files", files, "--output_dir", str(tmp_path / "out"),
+            "--framework", "byol", *TINY_MODEL, "--per_device_train_batch_size", "8", "--report_to", "none",
+            "--logging_steps", "1", *extra], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+
+    assert pretrain("--max_steps", "3", "--checkpointing_steps", "2") == [1, 2, 3]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert AutoModel.from_pretrained(tmp_path / "out") is not None
+    # Resuming passes the weights_only check of every DeepSpeed file, then continues from step 2; the resumed
+    # run's step 3 replaces the first run's in metrics.jsonl.
+    assert pretrain("--max_steps", "4", "--resume_from_checkpoint", "latest") == [1, 2, 3, 4]
 
 
 def test_deepspeed_zero3_refuses_an_ema_target(tmp_path):
@@ -109,3 +117,32 @@ def test_deepspeed_zero3_refuses_an_ema_target(tmp_path):
         "--report_to", "none"], cwd=tmp_path)
     assert result.returncode != 0
     assert "ZeRO-3 partitions the target encoder" in result.stderr
+
+
+def test_a_failing_rank_stops_both_processes_with_the_error(tmp_path):
+    # Rank 1 reads a shard of only undecodable images, so it fails on its first batch while rank 0 waits for it
+    # in the gradient all-reduce. Both must exit, non-zero, long before the 30-minute collective timeout.
+    data = tmp_path / "data"
+    good = write_parquet(data / "good", structured_images(16), num_shards=1)
+    broken = [{"bytes": b"not an image", "path": None}] * 16
+    write_parquet(data / "broken", broken, num_shards=1)
+    Path(good).parent.joinpath("train-0.parquet").rename(data / "train-0.parquet")
+    (data / "broken" / "train-0.parquet").rename(data / "train-1.parquet")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    launcher = subprocess.Popen(
+        [*LAUNCH, str(ROOT / "run_pretraining.py"), "--data_files", str(data / "*.parquet"), "--streaming", "true",
+         "--output_dir", str(tmp_path / "out"), "--framework", "byol", *TINY_MODEL, "--per_device_train_batch_size",
+         "8", "--max_steps", "4", "--report_to", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    elapsed = time.monotonic() - started
+    assert launcher.returncode != 0
+    assert "gave no full batch of 8 images" in stderr  # the failing rank's error is shown
+    assert elapsed < 240
+    with pytest.raises(ProcessLookupError):  # no rank is left running
+        os.killpg(launcher.pid, 0)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

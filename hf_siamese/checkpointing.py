@@ -1,0 +1,175 @@
+"""Training checkpoints: ``output_dir/checkpoint-{step}``, each one complete or absent, never unpickled.
+
+A save is written under ``.tmp-checkpoint-{step}`` and renamed once every process has finished, with
+``trainer_state.json`` written last; a deletion renames before it removes. So a run killed at any moment (kill -9,
+preemption, a full disk) leaves whole checkpoints and temporary directories, which are ignored and cleaned up.
+
+Loading refuses pickles. The learning-rate schedule is kept as JSON in ``trainer_state.json`` instead of
+accelerate's ``custom_checkpoint_*.pkl`` (which accelerate reads with ``weights_only=False``), and every torch file
+of a checkpoint is opened with ``weights_only=True`` before accelerate or DeepSpeed reads it: accelerate would
+silently skip a refused random-state file, and DeepSpeed unpickles its own files in full.
+"""
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEMPORARY_PREFIX = ".tmp-"
+TRAINER_STATE = "trainer_state.json"
+TORCH_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that is not plain tensors and numbers (possibly a pickle that would run code)."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: the optimizer step, and the position in the data stream of this process."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoint, scheduler,
+                    total_limit: int | None = None) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` (collective: every process calls it) and prune to ``total_limit``."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{point.step}"
+    temporary = output_dir / f"{TEMPORARY_PREFIX}{final.name}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    data_state = {"epoch": point.epoch, "batches_done": point.batches_done}
+    (temporary / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict()}
+        (temporary / TRAINER_STATE).write_text(json.dumps(state))  # written last: marks the save complete
+        if final.exists():  # saved before by a run resumed from an earlier checkpoint
+            _remove(final)
+        temporary.rename(final)
+        if total_limit:
+            for old in completed_checkpoints(output_dir)[:-total_limit]:
+                _remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def completed_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+    found = [
+        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if path.is_dir() and (path / TRAINER_STATE).exists() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(CHECKPOINT_PREFIX):])
+
+
+def set_aside_checkpoints(output_dir: Path, from_step: int, prefix: str = "diverged-") -> list[Path]:
+    """Rename the finished checkpoints of step >= ``from_step`` to ``{prefix}checkpoint-N``: kept for a look, never
+    resumed from by 'latest'. Returns the new paths."""
+    moved = []
+    for path in completed_checkpoints(output_dir):
+        if checkpoint_step(path) >= from_step:
+            target = path.with_name(prefix + path.name)
+            if target.exists():
+                shutil.rmtree(target)
+            moved.append(path.rename(target))
+    return moved
+
+
+def remove_unfinished(output_dir: Path) -> list[str]:
+    """Delete what interrupted saves and deletions left behind; returns the removed names."""
+    removed = []
+    for leftover in sorted(Path(output_dir).glob(f"{TEMPORARY_PREFIX}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover.name)
+    return removed
+
+
+def load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str, scheduler) -> ResumePoint:
+    """Restore model, optimizer, schedule and random states from ``which`` ('latest' or a checkpoint path)."""
+    if which == "latest":
+        checkpoints = completed_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("No checkpoint in %s: starting from scratch.", output_dir)
+            return ResumePoint()
+        path = checkpoints[-1]
+    else:
+        path = Path(which)
+        if not (path / TRAINER_STATE).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
+    data_state_file = path / f"data_state_{accelerator.process_index}.json"
+    if not data_state_file.exists():
+        raise ValueError(f"{path} was saved with a different number of processes (no {data_state_file.name}).")
+    verify_checkpoint_files(path)
+    accelerator.load_state(str(path))
+    state = json.loads((path / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(state["lr_scheduler"])
+    data_state = json.loads(data_state_file.read_text())
+    logger.info("Resumed from %s at step %d", path, state["global_step"])
+    return ResumePoint(state["global_step"], data_state["epoch"], data_state["batches_done"])
+
+
+def verify_checkpoint_files(path: Path) -> None:
+    """Raise :class:`UnsafeCheckpointError` naming the first file of ``path`` that is not plain tensors.
+
+    Torch files must load with ``weights_only=True``, allowing only what accelerate allows (numpy random states)
+    and three plain DeepSpeed classes of its ZeRO optimizer files; safetensors files must have a readable header.
+    """
+    allowed = TORCH_SAFE_GLOBALS + _deepspeed_safe_globals()
+    for file in sorted(Path(path).rglob("*")):
+        if file.suffix in TORCH_FILE_SUFFIXES:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise UnsafeCheckpointError(
+                    f"Refusing to load {file}: it is not plain tensors ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0]}). It may be a pickle that runs code when loaded; hf_siamese only "
+                    "loads checkpoint files with torch.load(weights_only=True)."
+                ) from error
+        elif file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as error:
+                raise UnsafeCheckpointError(f"{file} is not a readable safetensors file ({error}).") from error
+
+
+def _deepspeed_safe_globals() -> list:
+    """The data-only DeepSpeed classes that ZeRO-1/2 optimizer state files hold (when running under DeepSpeed)."""
+    if "deepspeed" not in sys.modules:  # not a DeepSpeed run: do not pay for importing it
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that no half-deleted directory ever looks complete: rename, then remove."""
+    doomed = path.with_name(f"{TEMPORARY_PREFIX}deleting-{path.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
