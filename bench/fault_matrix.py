@@ -28,6 +28,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -219,6 +220,13 @@ def _recipe(text: str) -> Callable[[Path], Outcome]:
     return run
 
 
+def _config(**fields) -> Callable[[Path], Outcome]:
+    def run(work: Path) -> Outcome:
+        SiameseConfig(backbone="resnet18", **fields)
+        return Outcome("converted", "the config was accepted")
+    return run
+
+
 def _queue_not_divisible(work: Path) -> Outcome:
     return _train(work, _write(work / "data", _good_images(BATCH)), "--framework", "moco", "--queue_size", "100")
 
@@ -253,6 +261,8 @@ CASES: list[Case] = [
     Case("wrong_type", "train", "error", _recipe("max_steps: 2.5\n"), names=r"`max_steps` in recipe .*recipe\.yaml"),
     Case("wrong_model_type", "train", "error", _recipe("crop_min_scale: small\n"),
          names=r"recipe\.yaml.*'crop_min_scale'.*expected float"),
+    Case("misspelt_field", "api", "error", _config(multicropp=True), names=r"`multicropp`.*`multicrop`"),
+    Case("wrong_type", "api", "error", _config(image_size="big"), names=r"'image_size'.*expected int"),
     Case("queue_not_divisible", "train", "error", _queue_not_divisible, names=r"`queue_size` \(100\)"),
     Case("nan_loss", "train", "stopped", _nan_loss, names=r"NaN or infinite at step \d+.*checkpoint-\d+"),
 ]
@@ -262,7 +272,7 @@ def run_case(case: Case, work: Path) -> dict:
     """Run ``case`` in the empty directory ``work``; the JSON record of what happened."""
     try:
         outcome = case.run(work)
-    except (ValueError, FileNotFoundError, UndecodableImage) as error:
+    except (ValueError, FileNotFoundError, UndecodableImage, StrictDataclassError) as error:
         outcome = Outcome("error", f"{type(error).__name__}: {error}")
     except SystemExit as error:  # argparse
         outcome = Outcome("error", f"SystemExit({error.code})")

@@ -1,8 +1,9 @@
 """Training checkpoints: ``output_dir/checkpoint-{step}``, each one complete or absent, never unpickled.
 
-A save is written under ``.tmp-checkpoint-{step}`` and renamed once every process has finished, with
-``trainer_state.json`` written last; a deletion renames before it removes. So a run killed at any moment (kill -9,
-preemption, a full disk) leaves whole checkpoints and temporary directories, which are ignored and cleaned up.
+A save is written under ``.tmp-checkpoint-{step}``, synced to disk, marked complete by ``trainer_state.json`` and
+renamed once every process has finished; a deletion renames before it removes. So a run killed at any moment
+(kill -9, preemption, a full disk, a host crash) leaves whole checkpoints and temporary directories, which are
+ignored and cleaned up.
 
 Loading refuses pickles. The learning-rate schedule is kept as JSON in ``trainer_state.json`` instead of
 accelerate's ``custom_checkpoint_*.pkl`` (which accelerate reads with ``weights_only=False``), and every torch file
@@ -12,6 +13,7 @@ silently skip a refused random-state file, and DeepSpeed unpickles its own files
 
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -57,10 +59,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoi
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict()}
+        _sync_files(temporary)  # on disk before the marker, so that a host crash cannot leave empty files
         (temporary / TRAINER_STATE).write_text(json.dumps(state))  # written last: marks the save complete
+        _sync_files(temporary, TRAINER_STATE)
         if final.exists():  # saved before by a run resumed from an earlier checkpoint
             _remove(final)
         temporary.rename(final)
+        _sync_directory(output_dir)
         if total_limit:
             for old in completed_checkpoints(output_dir)[:-total_limit]:
                 _remove(old)
@@ -85,7 +90,7 @@ def set_aside_checkpoints(output_dir: Path, from_step: int, prefix: str = "diver
     """Rename the finished checkpoints of step >= ``from_step`` to ``{prefix}checkpoint-N``: kept for a look, never
     resumed from by 'latest'. Returns the new paths."""
     moved = []
-    for path in completed_checkpoints(output_dir):
+    for path in reversed(completed_checkpoints(output_dir)):  # newest first: 'latest' is never a diverged one
         if checkpoint_step(path) >= from_step:
             target = path.with_name(prefix + path.name)
             if target.exists():
@@ -98,7 +103,10 @@ def remove_unfinished(output_dir: Path) -> list[str]:
     """Delete what interrupted saves and deletions left behind; returns the removed names."""
     removed = []
     for leftover in sorted(Path(output_dir).glob(f"{TEMPORARY_PREFIX}*")):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
         removed.append(leftover.name)
     return removed
 
@@ -115,16 +123,27 @@ def load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str, sche
         path = Path(which)
         if not (path / TRAINER_STATE).exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
-    data_state_file = path / f"data_state_{accelerator.process_index}.json"
-    if not data_state_file.exists():
-        raise ValueError(f"{path} was saved with a different number of processes (no {data_state_file.name}).")
+    saved_processes = len(list(path.glob("data_state_*.json")))
+    if saved_processes != accelerator.num_processes:
+        raise ValueError(f"{path} was saved by {saved_processes} process(es); this run has {accelerator.num_processes}. "
+                         "Resume with the same number of processes (the data position is per process).")
+    state = json.loads((path / TRAINER_STATE).read_text())
+    if "lr_scheduler" not in state:
+        raise ValueError(f"{path} was written by an older hf_siamese (no learning-rate schedule in {TRAINER_STATE}); "
+                         "start from its weights with `model_name_or_path` instead.")
     verify_checkpoint_files(path)
     accelerator.load_state(str(path))
-    state = json.loads((path / TRAINER_STATE).read_text())
     scheduler.load_state_dict(state["lr_scheduler"])
-    data_state = json.loads(data_state_file.read_text())
-    logger.info("Resumed from %s at step %d", path, state["global_step"])
-    return ResumePoint(state["global_step"], data_state["epoch"], data_state["batches_done"])
+    data_state = json.loads((path / f"data_state_{accelerator.process_index}.json").read_text())
+    step = state["global_step"]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Resuming from an earlier checkpoint abandons the later ones: out of the way of 'latest' and of pruning.
+        for later in set_aside_checkpoints(output_dir, step + 1, prefix="abandoned-"):
+            logger.warning("Set aside %s: the run continues from the earlier %s.", later, path.name)
+    accelerator.wait_for_everyone()
+    logger.info("Resumed from %s at step %d", path, step)
+    return ResumePoint(step, data_state["epoch"], data_state["batches_done"])
 
 
 def verify_checkpoint_files(path: Path) -> None:
@@ -164,6 +183,22 @@ def _deepspeed_safe_globals() -> list:
     except ImportError:
         return []
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _sync_files(directory: Path, name: str | None = None) -> None:
+    """fsync ``directory/name``, or every file under ``directory``."""
+    for file in [directory / name] if name else [f for f in directory.rglob("*") if f.is_file()]:
+        with open(file, "rb") as stream:
+            os.fsync(stream.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory, so that a rename in it survives a host crash."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _remove(path: Path) -> None:

@@ -6,6 +6,7 @@ This file imports only torch-free libraries and same-directory modules so that i
 checkpoint and loaded with ``trust_remote_code=True``.
 """
 
+import difflib
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -189,6 +190,7 @@ class SiameseConfig(PreTrainedConfig):
     freeze_encoder: bool = False
 
     def __post_init__(self, **kwargs):
+        _refuse_misspelt_fields(kwargs)
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"`framework` must be one of {FRAMEWORKS}, got {self.framework!r}.")
         for name, allowed in _ONLY_FOR.items():
@@ -303,6 +305,16 @@ class SiameseConfig(PreTrainedConfig):
     def num_target_groups(self) -> int:
         """How many global views act as targets: 2 for a symmetric loss, else 1."""
         return 2 if self.symmetric_loss else 1
+
+
+def _refuse_misspelt_fields(extra: dict) -> None:
+    """Like every ``PreTrainedConfig``, unknown keyword arguments become attributes (saved configs may carry keys
+    of other versions); one that is a near miss of a field of ours is a typo that would silently change nothing."""
+    fields = [name for name in SiameseConfig.__annotations__ if not name.startswith("_")]
+    for name in extra:
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.85)
+        if close and name not in fields:
+            raise ValueError(f"Unknown field `{name}`; did you mean `{close[0]}`?")
 
 
 def _pair(config, name: str) -> tuple[float, float]:

@@ -152,7 +152,8 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
 
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
-    metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step)
+    metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step,
+                             resuming=bool(args.resume_from_checkpoint))
     guard = DivergenceGuard(accelerator, output_dir)
     loss_value = float("nan")
     batches = data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
@@ -181,7 +182,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         checkpoint_due = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and step < total_steps
         saving = checkpoint_due or step == total_steps
         if saving or step % args.logging_steps == 0:  # nothing non-finite is logged as normal, or saved
-            guard.check(step, model.parameters() if saving else None)
+            guard.check(step, [*model.parameters(), *model.buffers()] if saving else None)
         if step % args.logging_steps == 0 or step == total_steps:
             loss_value = accelerator.reduce(output.loss.detach(), reduction="mean").item()
             record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
@@ -234,7 +235,7 @@ class DivergenceGuard:
 
     ``observe`` notes the first step whose loss is not finite on the device, so the training step never waits for
     it; ``check`` (collective) raises :class:`NonFiniteLossError` on every process once any process saw one, and
-    with ``parameters`` also when an update turned a weight non-finite (a finite loss can precede that). A loss that
+    with ``tensors`` (weights and buffers) also when an update turned one non-finite (a finite loss can precede that). A loss that
     is not finite at step ``s`` was computed from the weights of step ``s - 1``: a checkpoint saved there is set
     aside as ``diverged-checkpoint-{s-1}``, so that resuming from 'latest' takes the last good one.
     """
@@ -248,10 +249,13 @@ class DivergenceGuard:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
 
-    def check(self, step: int, parameters=None) -> None:
+    def check(self, step: int, tensors=None) -> None:
         weights_bad = torch.tensor(False, device=self.first_bad_step.device)
-        if parameters is not None:
-            weights_bad = ~torch.stack([torch.isfinite(p.detach()).all() for p in parameters if p.numel()]).all()
+        # ZeRO-3 empties partitioned parameters: check this process's partition (ds_tensor) instead.
+        local = [getattr(t, "ds_tensor", t).detach() for t in tensors or ()]
+        local = [t for t in local if t.numel() and t.is_floating_point()]
+        if local:
+            weights_bad = ~torch.stack([torch.isfinite(t).all() for t in local]).all()
         flags = torch.stack([self.first_bad_step, torch.where(weights_bad, step, -1)])
         gathered = self.accelerator.gather(flags[None]).reshape(-1, 2)
         loss_steps, weight_steps = ([int(v) for v in column.tolist() if v >= 0] for column in gathered.T)
@@ -268,26 +272,30 @@ class DivergenceGuard:
         if self.accelerator.is_main_process:
             for path in set_aside_checkpoints(self.output_dir, bad_weights_step):
                 logger.error("Set aside %s: its weights diverged.", path)
+        self.accelerator.wait_for_everyone()  # no process exits (and gets the launcher to stop the rest) before that
         where = (f"The last good checkpoint is {good[-1]}; resume from it with a lower `learning_rate` or a "
                  "`max_grad_norm`." if good else
-                 "No good checkpoint was saved before it; lower `learning_rate` or set `max_grad_norm`.")
+                 "No checkpoint from before it remains; lower `learning_rate` or set `max_grad_norm`.")
         raise NonFiniteLossError(f"Training diverged: {what}. It stopped without saving the model. {where}")
 
 
 class _MetricsLogger:
     """Step metrics to the progress bar, the trackers and ``metrics.jsonl`` (one JSON line per record)."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, total_steps: int, initial_step: int):
+    def __init__(self, accelerator: Accelerator, path: Path, total_steps: int, initial_step: int, resuming: bool):
         self.accelerator = accelerator
         self.path = path
         self.progress = tqdm(total=total_steps, initial=initial_step, desc="pretraining",
                              disable=not accelerator.is_local_main_process)
         self.started = self.since = time.time()
         self.images = 0
-        if initial_step and accelerator.is_main_process and path.exists():
-            # A resumed run replays the steps after its checkpoint: drop what the interrupted run logged for them.
+        if resuming and accelerator.is_main_process and path.exists():
+            # A resumed run replays the steps after its checkpoint (all of them when there was none): drop what
+            # the interrupted run logged for them.
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= initial_step]
-            path.write_text("".join(f"{line}\n" for line in kept))
+            temporary = path.with_name(f".tmp-{path.name}")
+            temporary.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(temporary, path)
 
     @property
     def elapsed(self) -> float:

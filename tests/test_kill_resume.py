@@ -8,4 +8,5 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path):
     assert record["trials"] == 2 and record["killed_during_save"] >= 1
     assert record["crashed"] == 0
     assert record["torn_checkpoints"] == []
+    assert record["metrics_steps_once"]
     assert record["identical"], record

@@ -117,6 +117,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
         assert torch.equal(expected[key], actual[key]), key
 
 
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(parquet_files, tmp_path):
+    args = ["--framework", "simsiam", "--max_steps", "3", "--checkpointing_steps", "1"]
+    run(common_args(parquet_files, tmp_path, *args))
+    run(common_args(parquet_files, tmp_path, *args, "--resume_from_checkpoint", str(tmp_path / "checkpoint-1")))
+    # checkpoint-2 is the resumed run's own; the first run's checkpoint-2 was set aside, not pruned or resumed.
+    assert [p.name for p in completed_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "abandoned-checkpoint-2").is_dir()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["other_process_count", "old_format"])
+def test_a_checkpoint_this_run_cannot_continue_is_a_clear_error(parquet_files, tmp_path, damage):
+    run(common_args(parquet_files, tmp_path, "--framework", "simsiam", "--max_steps", "2", "--checkpointing_steps", "1"))
+    checkpoint = tmp_path / "checkpoint-1"
+    if damage == "other_process_count":
+        shutil.copy(checkpoint / "data_state_0.json", checkpoint / "data_state_1.json")
+        expected = "saved by 2 process"
+    else:
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+        expected = "older hf_siamese"
+    with pytest.raises(ValueError, match=expected):
+        run(common_args(parquet_files, tmp_path, "--framework", "simsiam", "--max_steps", "2",
+                        "--resume_from_checkpoint", str(checkpoint)))
+
+
 def test_online_knn_is_logged_and_does_not_change_training(parquet_files, tmp_path):
     # Held out: 12 of the 64 training images, labelled as there; those in the sampled bank are found again.
     held_out = write_parquet(tmp_path / "held_out", structured_images(64)[:12], num_shards=1)
