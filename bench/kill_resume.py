@@ -137,7 +137,9 @@ def kill_resume(trials: int, steps: int, checkpointing_steps: int, seed: int, wo
     while sum(r["killed"] for r in results) < trials and len(results) < 3 * trials:
         kills = sum(r["killed"] for r in results)
         save_moment = (None, "started", None, "marked")[kills % 4]
-        deadline = run_seconds * 1.5 if save_moment else rng.uniform(0.3, 1.0) * run_seconds
+        # A run waiting for a save is not killed early: when it resumed past its last save it finishes, and the
+        # next attempt starts a fresh run with the same moment. The long deadline only guards against a hang.
+        deadline = run_seconds * 10 if save_moment else rng.uniform(0.3, 1.0) * run_seconds
         result = run_trial(command(data_files, run_dir, steps, checkpointing_steps, *PRUNING),
                            work / f"attempt-{len(results)}.log", run_dir, save_moment, deadline)
         results.append(result)
