@@ -245,6 +245,7 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 self.register_buffer(queue_name, torch.empty(config.queue_size, config.projector_dim))
                 self.register_buffer(pointer_name, torch.zeros((), dtype=torch.long))
         self.criterion = build_loss(config)
+        self._queue_snapshots: dict[int, torch.Tensor] = {}  # see _queue_snapshot
         self.post_init()
 
     def _queue_names(self, level: int) -> tuple[str, str]:
@@ -317,9 +318,25 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 f"`queue_size` ({queue_size}) must be a multiple of the number of keys enqueued per step "
                 f"({len(keys)} = global batch size x target groups)."
             )
-        start = int(pointer)
-        queue[start : start + len(keys)] = keys.to(queue.dtype)
-        pointer.fill_((start + len(keys)) % queue_size)
+        # Positions computed on the device: reading the pointer on the host would wait for the GPU every step.
+        positions = (pointer + torch.arange(len(keys), device=queue.device)) % queue_size
+        queue.index_copy_(0, positions, keys.to(queue.dtype))
+        pointer.copy_((pointer + len(keys)) % queue_size)
+
+    def _queue_snapshot(self, level: int) -> torch.Tensor:
+        """The level's queue as this step's loss sees it.
+
+        The queue is updated in place after the loss, and the loss's backward needs the keys it saw, so they are
+        copied into a tensor kept from step to step: a fresh clone costs about seven times as much (every page
+        of the new allocation faults in). Two forwards before one backward make autograd refuse loudly.
+        """
+        queue = getattr(self, self._queue_names(level)[0])
+        snapshot = self._queue_snapshots.get(level)
+        fits = snapshot is not None and (snapshot.shape, snapshot.device, snapshot.dtype) == (
+            queue.shape, queue.device, queue.dtype)
+        if not fits:
+            snapshot = self._queue_snapshots[level] = torch.empty_like(queue)
+        return snapshot.copy_(queue)
 
     def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict:
         """Pooled features of every loss level (``level -> [B, C]``), and with the dense term each level's cells
@@ -480,8 +497,7 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
 
         level_losses, global_loss, local_loss, dense_loss = {}, 0.0, None, None
         for level, weight in zip(self.levels, self.level_weights):
-            # The queue is updated in place after the loss; the loss's backward needs the keys it saw.
-            negatives = getattr(self, self._queue_names(level)[0]).clone() if self.config.queue_size else None
+            negatives = self._queue_snapshot(level) if self.config.queue_size else None
             level_global, level_local = self._level_terms(source[level][1], targets[level], negatives)
             level_losses[level] = level_global if level_local is None else level_global + level_local
             global_loss = global_loss + weight * level_global

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 
 from .checkpointing import (
@@ -63,6 +63,19 @@ class PretrainingArguments:
         default=False, metadata={"help": "Deterministic kernels: same seed and data give identical weights."}
     )
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Channels-last memory format for the model and the views: faster convolutions with oneDNN "
+                          "(CPU) and cuDNN (tensor-core GPUs), as timm's --channels-last."},
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the model with torch.compile (inductor) through accelerate's TorchDynamoPlugin; "
+                          "the first steps also compile."},
+    )
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode: default | reduce-overhead | max-autotune."}
+    )
     ddp_timeout: int = field(
         default=1800, metadata={"help": "Seconds a process waits in a collective before failing (as in transformers)."}
     )
@@ -134,7 +147,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         )
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: we step it once per optimizer step, and checkpoint it as JSON (see checkpointing.py).
-    unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model)
+    unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     resume = ResumePoint()
     if accelerator.is_main_process:
@@ -159,24 +172,15 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     batches = data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
     while step < total_steps:
         epoch, batch_index, batch = next(batches)
-        batch = {key: [view.to(accelerator.device, non_blocking=True) for view in views] for key, views in batch.items()}
-        with accelerator.accumulate(model):
-            output = model(**batch)
-            guard.observe(output.loss, step + 1)
-            accelerator.backward(output.loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        batch = views_to_device(batch, accelerator.device, args.channels_last)
+        output = training_step(accelerator, model, optimizer, batch, args.max_grad_norm)
+        guard.observe(output.loss, step + 1)
         metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
         step += 1
-        momentum = None
-        if unwrapped.target_encoder is not None:
-            momentum = unwrapped.momentum_at(step / total_steps)
-            unwrapped.momentum_update(momentum)
+        momentum = ema_step(unwrapped, step / total_steps)
         metrics.advance()
 
         checkpoint_due = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and step < total_steps
@@ -224,6 +228,47 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     if args.push_to_hub and accelerator.is_main_process:
         _push_model(args, output_dir, step)
     return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
+
+
+def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked.
+
+    A view shared by the two branches stays one tensor (``collate_views``): SimSiam reuses its source projection.
+    """
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in moved:
+            layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
+            moved[id(tensor)] = tensor.to(device, non_blocking=True, memory_format=layout)
+        return moved[id(tensor)]
+
+    return {key: [move(view) for view in views] for key, views in batch.items()}
+
+
+def training_step(accelerator: Accelerator, model, optimizer, batch: dict, max_grad_norm: float | None = None):
+    """Forward, backward and (once gradients are accumulated) the optimizer step on one batch of views.
+
+    No host-device synchronisation: the loss stays on the device. Returns the model's output.
+    """
+    with accelerator.accumulate(model):
+        output = model(**batch)
+        accelerator.backward(output.loss)
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return output
+
+
+def ema_step(model: SiameseForPreTraining, progress: float) -> float | None:
+    """The target's EMA update after an optimizer step at ``progress`` (0 to 1) of training; its momentum, or
+    ``None`` for a framework without a momentum target (SimSiam)."""
+    if model.target_encoder is None:
+        return None
+    momentum = model.momentum_at(progress)
+    model.momentum_update(momentum)
+    return momentum
 
 
 class NonFiniteLossError(RuntimeError):
@@ -392,7 +437,10 @@ def _make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerat
     # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
     backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
+    # Without --torch_compile, accelerate's own default (and `accelerate launch --dynamo_backend`) applies.
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
     return Accelerator(
+        dynamo_plugin=dynamo,
         # Without a GPU, `cpu=True` turns a multi-process launch into MULTI_CPU over gloo (else every process
         # believes it is alone and the main one).
         cpu=not torch.cuda.is_available() and not deepspeed,
@@ -429,6 +477,8 @@ def _build_model(config: SiameseConfig, args: PretrainingArguments, accelerator:
                 "DeepSpeed ZeRO-3 partitions the target encoder's parameters, so the EMA update cannot read them; "
                 "use ZeRO-1/2 (parameters replicated) or framework 'simsiam'."
             )
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and accelerator.num_processes > 1:
         if not torch.cuda.is_available():
             raise ValueError("`sync_bn` needs CUDA: torch's SyncBatchNorm does not run on CPU.")

@@ -156,6 +156,32 @@ def test_target_starts_as_a_copy_of_the_source():
         assert torch.equal(target, source)
 
 
+def test_moco_loss_and_gradient_use_the_queue_before_this_steps_keys():
+    model = SiameseForPreTraining(tiny_config("moco", queue_size=16)).train()
+    source, target = global_views(model.config, batch_size=4)
+    for step in range(3):  # the queue snapshot is reused from step to step
+        queue_before = model.queue.clone()
+        output = model(source_pixel_values=source, target_pixel_values=target)
+        prediction = output.source_predictions[0]
+        expected = model.criterion(prediction, output.target_embeddings[0], queue_before)
+        assert torch.allclose(output.loss, expected)
+        (gradient,) = torch.autograd.grad(output.loss, prediction, retain_graph=True)
+        (expected_gradient,) = torch.autograd.grad(expected, prediction)
+        assert torch.allclose(gradient, expected_gradient, atol=1e-7)
+        assert torch.equal(model.queue[4 * step : 4 * step + 4], output.target_embeddings[0].detach())
+        output.loss.backward()
+        model.zero_grad()
+
+
+def test_two_moco_forwards_before_one_backward_is_refused_not_wrong():
+    model = SiameseForPreTraining(tiny_config("moco", queue_size=16)).train()
+    source, target = global_views(model.config, batch_size=4)
+    first = model(source_pixel_values=source, target_pixel_values=target)
+    model(source_pixel_values=source, target_pixel_values=target)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        first.loss.backward()
+
+
 def test_queue_enqueues_in_fifo_order_and_wraps_around():
     model = SiameseForPreTraining(tiny_config("moco", queue_size=12))
     initial = model.queue.clone()

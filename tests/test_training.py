@@ -225,3 +225,12 @@ def test_variance_probe_reads_the_configured_image_column(tmp_path):
                     "--image_column", "photo", "--variance_steps", "1", "--variance_probe_size", "4"))
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("variance/ratio" in record for record in records)
+
+
+def test_torch_compile_trains_and_saves_the_plain_model(parquet_files, tmp_path):
+    result = run(common_args(parquet_files, tmp_path, "--framework", "byol", "--max_steps", "2", "--torch_compile",
+                             "true", "--channels_last", "true", "--per_device_train_batch_size", "8"))
+    assert result.global_step == 2 and np.isfinite(result.loss)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not any(key.startswith("_orig_mod") for key in weights)  # the module, not the compiled wrapper
+    assert not torch.equal(weights["target_encoder.backbone.conv1.weight"], weights["siamese.backbone.conv1.weight"])

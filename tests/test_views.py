@@ -140,3 +140,20 @@ def test_scale_mix_is_deterministic_under_a_seeded_generator():
     assert torch.equal(first, second)
     with pytest.raises(ValueError, match="one shape"):
         scale_mix(a, b[:, :16])
+
+
+@pytest.mark.parametrize("mode, size, kernel", [("RGB", 224, 23), ("L", 32, 3), ("RGB", 96, 9)])
+def test_separable_blur_draws_and_blurs_as_torchvision(mode, size, kernel):
+    from hf_siamese.views import SeparableGaussianBlur
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = np.asarray(SeparableGaussianBlur(kernel, sigma=(0.1, 2.0))(image)).astype(int)
+        torch.manual_seed(seed)
+        reference = np.asarray(v2.GaussianBlur(kernel, sigma=(0.1, 2.0))(image)).astype(int)
+        assert ours.shape == reference.shape
+        assert np.abs(ours - reference).max() <= 1  # float rounding of the two passes
+        assert (ours != reference).mean() < 1e-3
+    assert not np.array_equal(ours, np.asarray(image))  # it does blur

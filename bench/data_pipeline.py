@@ -1,0 +1,172 @@
+"""Views per second of the multi-view data pipeline: a streamed parquet dataset against torchvision's ImageFolder.
+
+Both read the same JPEG images (``--images`` of about 256-320 px, written once as parquet shards and as an
+ImageFolder tree) and apply the same ``MultiViewTransform``: MoCo with MultiCrop, i.e. 2 global 224 px views
+(source and target) and 6 local 96 px crops, alone, with ScaleMix, and with AsymAug's RandAugment. ``ours`` is
+``hf_siamese.data.PretrainingData`` (datasets streaming, our decoding with skip-and-count, per-sample seeded
+augmentation, ``collate_views``); the baseline is ``torchvision.datasets.ImageFolder`` with PIL's loader and a
+shuffled ``DataLoader``, the same transform and collation. 0, 1 and 2 DataLoader workers. The clock starts at the
+first batch (worker start-up is reported apart) and stops after ``--images // --batch`` batches; medians over
+``--repeats``, the two pipelines alternating. One JSON line per (design, workers), with ``ratio`` = ours / baseline views per second.
+
+    python bench/data_pipeline.py [--images 512] [--batch 32] [--workers 0,1,2] [--designs multicrop,scalemix,randaugment]
+    python bench/data_pipeline.py --report bench/results/data_pipeline.jsonl     # the README table
+"""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+import datasets
+from hf_siamese import SiameseConfig
+from hf_siamese.data import DataArguments, PretrainingData, load_raw_dataset
+from hf_siamese.views import MultiViewTransform, collate_views
+
+MULTICROP = {"multicrop": True, "multicrop_num_local": 6, "multicrop_local_size": 96}
+DESIGNS = {
+    "multicrop": MULTICROP,
+    "scalemix": {**MULTICROP, "scalemix": True},
+    "randaugment": {**MULTICROP, "asym_aug": True},
+}
+NUM_CLASSES, NUM_SHARDS = 4, 4
+
+
+def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Smooth colour fields with some noise at 256-320 px: JPEGs that decode like photographs, not like noise."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        width, height = (int(v) for v in rng.integers(256, 321, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        stream = io.BytesIO()
+        image.save(stream, "JPEG", quality=90)
+        images.append(stream.getvalue())
+    return images
+
+
+def write_both(jpegs: list[bytes], root: Path) -> tuple[str, Path]:
+    """The same images as parquet shards (a ``datasets`` Image column) and as an ImageFolder tree."""
+    folder = root / "imagefolder"
+    for index, data in enumerate(jpegs):
+        directory = folder / f"class_{index % NUM_CLASSES}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{index:06d}.jpg").write_bytes(data)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=NUM_CLASSES)})
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": data, "path": None} for data in jpegs], "label": [i % NUM_CLASSES for i in range(len(jpegs))]},
+        features=features,
+    )
+    for shard in range(NUM_SHARDS):
+        table.shard(NUM_SHARDS, shard, contiguous=True).to_parquet(str(root / f"train-{shard:02d}.parquet"))
+    return str(root / "train-*.parquet"), folder
+
+
+def ours_batches(pattern: str, transform, batch: int, workers: int):
+    raw = load_raw_dataset(DataArguments(data_files=pattern, streaming=True))
+    data = PretrainingData(raw, transform, batch_size=batch, num_channels=3, seed=0, num_workers=workers,
+                           shuffle_buffer_size=1000)
+    return (views for _, _, views in data.batches())
+
+
+class _Views:
+    """ImageFolder's transform: the views only (the label is dropped by the collate)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image)
+
+
+def _collate_samples(items):
+    return collate_views([views for views, _ in items])
+
+
+def baseline_batches(folder: Path, transform, batch: int, workers: int):
+    dataset = ImageFolder(str(folder), transform=_Views(transform))
+    while True:
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                            collate_fn=_collate_samples)
+        yield from loader
+
+
+def measure(batches, count: int) -> tuple[float, float]:
+    """(seconds to the first batch, seconds for the next ``count`` batches)."""
+    start = time.perf_counter()
+    next(batches)
+    first = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    return first - start, time.perf_counter() - first
+
+
+def report(path: str) -> str:
+    """The README table of a results file."""
+    rows = ["| design | workers | ours views/s | ImageFolder views/s | ours / ImageFolder | start-up s (ours, ImageFolder) |",
+            "|---|---|---|---|---|---|"]
+    for r in (json.loads(line) for line in open(path) if line.startswith("{")):
+        rows.append(f"| {r['design']} | {r['workers']} | {r['ours_views_per_s']} | {r['baseline_views_per_s']} | "
+                    f"{r['ratio']:.3f} | {r['startup_s']['ours']}, {r['startup_s']['baseline']} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", metavar="JSONL", help="Print the README table of a results file and exit.")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    count = args.images // args.batch - 1  # the first batch starts the clock
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern, folder = write_both(make_jpegs(args.images), Path(tmp))
+        for design in args.designs.split(","):
+            config = SiameseConfig(backbone="resnet50", framework="moco", **DESIGNS[design])
+            transform = MultiViewTransform.from_config(config)
+            views = sum(len(v) for v in transform(Image.new("RGB", (256, 256))).values())
+            for workers in (int(w) for w in args.workers.split(",")):
+                makers = {"ours": lambda: ours_batches(pattern, transform, args.batch, workers),
+                          "baseline": lambda: baseline_batches(folder, transform, args.batch, workers)}
+                runs = {name: [] for name in makers}
+                for repeat in range(args.repeats):  # alternated, so that the machine's drift hits both alike
+                    for name in (list(makers) if repeat % 2 == 0 else list(makers)[::-1]):
+                        runs[name].append(measure(makers[name](), count))
+                results = {
+                    name: {"views_per_s": round(count * args.batch * views / statistics.median(r[1] for r in timings), 1),
+                           "startup_s": round(statistics.median(r[0] for r in timings), 2)}
+                    for name, timings in runs.items()
+                }
+                print(json.dumps({
+                    "bench": "data_pipeline", "design": design, "workers": workers, "views_per_image": views,
+                    "batch": args.batch, "images": args.images,
+                    "ours_views_per_s": results["ours"]["views_per_s"],
+                    "baseline_views_per_s": results["baseline"]["views_per_s"],
+                    "ratio": round(results["ours"]["views_per_s"] / results["baseline"]["views_per_s"], 3),
+                    "startup_s": {name: r["startup_s"] for name, r in results.items()},
+                    "machine": f"{platform.machine()}, {os.cpu_count()} threads", "torch": torch.__version__,
+                    "date": datetime.date.today().isoformat(),
+                }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

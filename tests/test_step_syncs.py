@@ -1,0 +1,59 @@
+"""The training step never reads a tensor's value on the host (``.item()``, ``int()``, ``bool()``, ...): on a GPU
+each such read waits for every queued kernel, so one per step costs the overlap of the whole step."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import tiny_config
+from torch.overrides import TorchFunctionMode
+
+from hf_siamese import SiameseForPreTraining
+from hf_siamese.optim import build_optimizer
+from hf_siamese.training import ema_step, training_step
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
+              torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def views(config, batch=8):
+    generator = torch.Generator().manual_seed(0)
+    globals_ = [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(config.num_target_groups)]
+    locals_ = [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(2)] if config.multicrop else []
+    target = globals_ if config.symmetric_loss else [torch.randn(batch, 3, 32, 32, generator=generator)]
+    return {"source_pixel_values": [*globals_, *locals_], "target_pixel_values": target}
+
+
+@pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
+@pytest.mark.parametrize("design", [{}, {"multicrop": True, "multicrop_num_local": 2, "multicrop_local_size": 16},
+                                    {"ladder_levels": [2, 4]}], ids=["base", "multicrop", "ladder"])
+def test_training_step_reads_nothing_back_to_the_host(framework, design):
+    config = tiny_config(framework, **design)
+    accelerator = Accelerator(cpu=True)
+    model = SiameseForPreTraining(config)
+    optimizer = build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = views(config)
+    training_step(accelerator, model, optimizer, batch)  # first step: lazy state (optimizer buffers, queue copy)
+    with HostReads() as reads:
+        output = training_step(accelerator, model, optimizer, batch)
+        ema_step(accelerator.unwrap_model(model), 0.5)
+    assert reads.calls == []
+    assert torch.isfinite(output.loss)
+
+
+def test_the_detector_sees_a_host_read():
+    with HostReads() as reads:
+        int(torch.tensor(3))
+        torch.tensor(1.0).item()
+    assert reads.calls == ["__int__", "item"]
