@@ -39,3 +39,14 @@ FRAMEWORK_NAMES = ["moco", "mocov3", "byol", "simsiam"]
 @pytest.fixture(params=FRAMEWORK_NAMES)
 def framework(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process, set by the first Accelerator (mixed precision, dynamo plugin); each
+    test starts from none, as a fresh run does, so that one test's bf16 or torch.compile does not leak."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
