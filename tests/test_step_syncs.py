@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from conftest import tiny_config
 from torch.overrides import TorchFunctionMode
 
+from bench.train_step import make_views
 from hf_siamese import SiameseForPreTraining
 from hf_siamese.optim import build_optimizer
 from hf_siamese.training import ema_step, training_step
@@ -26,14 +27,6 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def views(config, batch=8):
-    generator = torch.Generator().manual_seed(0)
-    globals_ = [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(config.num_target_groups)]
-    locals_ = [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(2)] if config.multicrop else []
-    target = globals_ if config.symmetric_loss else [torch.randn(batch, 3, 32, 32, generator=generator)]
-    return {"source_pixel_values": [*globals_, *locals_], "target_pixel_values": target}
-
-
 @pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
 @pytest.mark.parametrize("design", [{}, {"multicrop": True, "multicrop_num_local": 2, "multicrop_local_size": 16},
                                     {"ladder_levels": [2, 4]}], ids=["base", "multicrop", "ladder"])
@@ -43,7 +36,7 @@ def test_training_step_reads_nothing_back_to_the_host(framework, design):
     model = SiameseForPreTraining(config)
     optimizer = build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = views(config)
+    batch = make_views(config, batch=8)
     training_step(accelerator, model, optimizer, batch)  # first step: lazy state (optimizer buffers, queue copy)
     with HostReads() as reads:
         output = training_step(accelerator, model, optimizer, batch)
