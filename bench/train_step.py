@@ -458,7 +458,7 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
     batch = batch or SCALES[case.scale]["batch"]
     views = {key: [v.to(device) for v in value] for key, value in make_views(config, batch, seed).items()}
     steps: dict[str, Callable] = {"ours": OursStep(config, accelerator)}
-    reference = copy.deepcopy(steps["ours"].unwrapped.state_dict())
+    reference = copy.deepcopy(steps["ours"].unwrapped.state_dict()) if variants else None  # their starting point
     parts = [plain_parts()]
     lightly_reason = lightly_unsupported(case) if with_lightly else "not requested"
     if lightly_reason is None:
