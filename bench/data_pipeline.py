@@ -5,11 +5,17 @@ ImageFolder tree) and apply the same ``MultiViewTransform``: MoCo with MultiCrop
 (source and target) and 6 local 96 px crops, alone, with ScaleMix, and with AsymAug's RandAugment. ``ours`` is
 ``hf_siamese.data.PretrainingData`` (datasets streaming, our decoding with skip-and-count, per-sample seeded
 augmentation, ``collate_views``); the baseline is ``torchvision.datasets.ImageFolder`` with PIL's loader and a
-shuffled ``DataLoader``, the same transform and collation. 0, 1 and 2 DataLoader workers. The clock starts at the
-first batch (worker start-up is reported apart) and stops after ``--images // --batch`` batches; medians over
-``--repeats``, the two pipelines alternating. One JSON line per (design, workers), with ``ratio`` = ours / baseline views per second.
+shuffled ``DataLoader``, the same transform and collation. 0, 1 and 2 DataLoader workers. The clock starts once
+every worker has delivered its first batch (start-up is reported apart) and stops at the end of the epoch's
+``--images // --batch`` batches; medians over ``--repeats``, the two pipelines alternating. Both draw the same
+augmentations in the same order (:class:`SeededViews`), fresh ones each repeat (seed = repeat), so each repeat is a
+paired comparison of the two ways of getting an image to the transform: ``ratio`` is the median of the per-repeat
+ratios, ``ratio_interval`` a distribution-free interval for it (coverage in ``ratio_interval_coverage``).
+One JSON line per (design, workers), ratios are ours / baseline views per second. Ours reads through a
+1000-image shuffle buffer, so up to 1000 images per worker datasets' 5 s pause at the end of its shards (see the
+README) falls in the start-up; beyond that it falls inside the timed window, as it would once per epoch in training.
 
-    python bench/data_pipeline.py [--images 512] [--batch 32] [--workers 0,1,2] [--designs multicrop,scalemix,randaugment]
+    python bench/data_pipeline.py [--images 512] [--batch 32] [--workers 0,1,2] [--designs multicrop,scalemix,randaugment] [--repeats 8]
     python bench/data_pipeline.py --report bench/results/data_pipeline.jsonl     # the README table
 """
 
@@ -17,6 +23,7 @@ import argparse
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torchvision.datasets import ImageFolder
 
 import datasets
 from hf_siamese import SiameseConfig
-from hf_siamese.data import DataArguments, PretrainingData, load_raw_dataset
+from hf_siamese.data import DataArguments, PretrainingData, load_raw_dataset, seeded_randomness
 from hf_siamese.views import MultiViewTransform, collate_views
 
 MULTICROP = {"multicrop": True, "multicrop_num_local": 6, "multicrop_local_size": 96}
@@ -76,52 +83,81 @@ def write_both(jpegs: list[bytes], root: Path) -> tuple[str, Path]:
     return str(root / "train-*.parquet"), folder
 
 
-def ours_batches(pattern: str, transform, batch: int, workers: int):
+def ours_batches(pattern: str, transform, batch: int, workers: int, seed: int = 0):
     raw = load_raw_dataset(DataArguments(data_files=pattern, streaming=True))
-    data = PretrainingData(raw, transform, batch_size=batch, num_channels=3, seed=0, num_workers=workers,
+    data = PretrainingData(raw, transform, batch_size=batch, num_channels=3, seed=seed, num_workers=workers,
                            shuffle_buffer_size=1000)
     return (views for _, _, views in data.batches())
 
 
-class _Views:
-    """ImageFolder's transform: the views only (the label is dropped by the collate)."""
+class SeededViews:
+    """ImageFolder's transform, drawing each sample's augmentations from the seed ours gives the sample at the same
+    place: (seed, epoch 0, rank 0, worker, position in the worker's stream).
 
-    def __init__(self, transform):
+    A view's cost depends on its draws (crop area, whether blur or RandAugment ops apply) with about a 24% spread
+    per image, several percent over a few hundred images; with the same draws in the same order, the two pipelines
+    differ only in how an image reaches the transform, which is what the bench compares.
+    """
+
+    def __init__(self, transform, seed: int):
         self.transform = transform
+        self.seed = seed
+        self.position = 0  # per process: each DataLoader worker counts its own samples, as ours does
 
     def __call__(self, image):
-        return self.transform(image)
+        worker = get_worker_info()
+        with seeded_randomness(self.seed, 0, 0, worker.id if worker is not None else 0, self.position):
+            views = self.transform(image)
+        self.position += 1
+        return views
 
 
 def _collate_samples(items):
     return collate_views([views for views, _ in items])
 
 
-def baseline_batches(folder: Path, transform, batch: int, workers: int):
-    dataset = ImageFolder(str(folder), transform=_Views(transform))
+def baseline_batches(folder: Path, transform, batch: int, workers: int, seed: int = 0):
+    dataset = ImageFolder(str(folder), transform=SeededViews(transform, seed))
+    torch.manual_seed(seed)  # the sampler's order
     while True:
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                             collate_fn=_collate_samples)
         yield from loader
 
 
-def measure(batches, count: int) -> tuple[float, float]:
-    """(seconds to the first batch, seconds for the next ``count`` batches)."""
+def measure(batches, warmup: int, count: int) -> tuple[float, float]:
+    """(seconds to the first ``warmup`` batches, seconds for the next ``count`` batches)."""
     start = time.perf_counter()
-    next(batches)
+    for _ in range(warmup):
+        next(batches)
     first = time.perf_counter()
     for _ in range(count):
         next(batches)
     return first - start, time.perf_counter() - first
 
 
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[tuple[float, float] | None, float | None]:
+    """A distribution-free interval for the median of ``values`` and its coverage: the k-th smallest and k-th
+    largest value, for the largest k whose coverage is at least ``confidence`` (None with fewer than 5 values)."""
+    n, values = len(values), sorted(values)
+
+    def coverage(k: int) -> float:  # the chance that the median lies between them: 1 - 2 P(Binomial(n, 1/2) < k)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = max((k for k in range(1, n // 2 + 1) if coverage(k) >= confidence), default=None)
+    return ((values[k - 1], values[n - k]), coverage(k)) if k else (None, None)
+
+
 def report(path: str) -> str:
     """The README table of a results file."""
-    rows = ["| design | workers | ours views/s | ImageFolder views/s | ours / ImageFolder | start-up s (ours, ImageFolder) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| design | workers | ours views/s | ImageFolder views/s | ours / ImageFolder (median of paired repeats) "
+            "| interval (coverage) | start-up s (ours, ImageFolder) |",
+            "|---|---|---|---|---|---|---|"]
     for r in (json.loads(line) for line in open(path) if line.startswith("{")):
+        interval = r.get("ratio_interval")
+        shown = f"{interval[0]:.3f} - {interval[1]:.3f} ({r['ratio_interval_coverage']:.0%})" if interval else "-"
         rows.append(f"| {r['design']} | {r['workers']} | {r['ours_views_per_s']} | {r['baseline_views_per_s']} | "
-                    f"{r['ratio']:.3f} | {r['startup_s']['ours']}, {r['startup_s']['baseline']} |")
+                    f"{r['ratio']:.3f} | {shown} | {r['startup_s']['ours']}, {r['startup_s']['baseline']} |")
     return "\n".join(rows)
 
 
@@ -132,12 +168,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--designs", default=",".join(DESIGNS))
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
         return
-    count = args.images // args.batch - 1  # the first batch starts the clock
     with tempfile.TemporaryDirectory() as tmp:
         pattern, folder = write_both(make_jpegs(args.images), Path(tmp))
         for design in args.designs.split(","):
@@ -145,12 +180,16 @@ def main() -> None:
             transform = MultiViewTransform.from_config(config)
             views = sum(len(v) for v in transform(Image.new("RGB", (256, 256))).values())
             for workers in (int(w) for w in args.workers.split(",")):
-                makers = {"ours": lambda: ours_batches(pattern, transform, args.batch, workers),
-                          "baseline": lambda: baseline_batches(folder, transform, args.batch, workers)}
+                warmup = max(workers, 1)  # each worker's first batch starts the clock
+                count = args.images // args.batch - warmup
+                makers = {"ours": lambda seed: ours_batches(pattern, transform, args.batch, workers, seed),
+                          "baseline": lambda seed: baseline_batches(folder, transform, args.batch, workers, seed)}
                 runs = {name: [] for name in makers}
                 for repeat in range(args.repeats):  # alternated, so that the machine's drift hits both alike
                     for name in (list(makers) if repeat % 2 == 0 else list(makers)[::-1]):
-                        runs[name].append(measure(makers[name](), count))
+                        runs[name].append(measure(makers[name](repeat), warmup, count))
+                paired = [base[1] / ours[1] for ours, base in zip(runs["ours"], runs["baseline"])]
+                interval, coverage = median_interval(paired)
                 results = {
                     name: {"views_per_s": round(count * args.batch * views / statistics.median(r[1] for r in timings), 1),
                            "startup_s": round(statistics.median(r[0] for r in timings), 2)}
@@ -161,7 +200,10 @@ def main() -> None:
                     "batch": args.batch, "images": args.images,
                     "ours_views_per_s": results["ours"]["views_per_s"],
                     "baseline_views_per_s": results["baseline"]["views_per_s"],
-                    "ratio": round(results["ours"]["views_per_s"] / results["baseline"]["views_per_s"], 3),
+                    "ratio": round(statistics.median(paired), 3),
+                    "ratio_interval": [round(v, 3) for v in interval] if interval else None,
+                    "ratio_interval_coverage": round(coverage, 3) if coverage else None,
+                    "ratio_repeats": [round(r, 3) for r in paired],
                     "startup_s": {name: r["startup_s"] for name, r in results.items()},
                     "machine": f"{platform.machine()}, {os.cpu_count()} threads", "torch": torch.__version__,
                     "date": datetime.date.today().isoformat(),

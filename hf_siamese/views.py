@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import RandomResizedCrop, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -227,19 +228,20 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
     (plus ``source_geometry``/``target_geometry`` when the views carry their crop geometry).
 
     A target position holding the same tensors as a source position gets the same batch tensor, which is how
-    the model knows the view was already encoded by the source.
+    the model knows the view was already encoded by the source. Stacking goes through ``default_collate``, which
+    in a DataLoader worker stacks straight into shared memory instead of copying the batch there afterwards.
     """
-    source = [torch.stack([s["source"][i] for s in samples]) for i in range(len(samples[0]["source"]))]
+    source = [default_collate([s["source"][i] for s in samples]) for i in range(len(samples[0]["source"]))]
     target = []
     for i in range(len(samples[0]["target"])):
         shared = next(
             (j for j in range(len(source)) if all(s["target"][i] is s["source"][j] for s in samples)), None
         )
-        target.append(source[shared] if shared is not None else torch.stack([s["target"][i] for s in samples]))
+        target.append(source[shared] if shared is not None else default_collate([s["target"][i] for s in samples]))
     batch = {"source_pixel_values": source, "target_pixel_values": target}
     for key in ("source_geometry", "target_geometry"):
         if key in samples[0]:
-            batch[key] = [torch.stack([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
+            batch[key] = [default_collate([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
     return batch
 
 
