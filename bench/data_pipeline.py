@@ -11,9 +11,9 @@ every worker has delivered its first batch (start-up is reported apart) and stop
 augmentations in the same order (:class:`SeededViews`), fresh ones each repeat (seed = repeat), so each repeat is a
 paired comparison of the two ways of getting an image to the transform: ``ratio`` is the median of the per-repeat
 ratios, ``ratio_interval`` a distribution-free interval for it (coverage in ``ratio_interval_coverage``).
-One JSON line per (design, workers), ratios are ours / baseline views per second. Ours reads through a
-1000-image shuffle buffer, so up to 1000 images per worker datasets' 5 s pause at the end of its shards (see the
-README) falls in the start-up; beyond that it falls inside the timed window, as it would once per epoch in training.
+One JSON line per (design, workers); ratios are ours / baseline views per second. Ours reads through a
+1000-image shuffle buffer: with up to 1000 images per worker, datasets' 5 s pause at the end of its shards (see the
+README) falls in the start-up; with more, it falls inside the timed window, as it does once per epoch in training.
 
     python bench/data_pipeline.py [--images 512] [--batch 32] [--workers 0,1,2] [--designs multicrop,scalemix,randaugment] [--repeats 8]
     python bench/data_pipeline.py --report bench/results/data_pipeline.jsonl     # the README table
