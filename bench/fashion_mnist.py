@@ -10,6 +10,17 @@ curves and the accuracies as PNG files beside it (needs the ``bench`` extra: mat
     python bench/fashion_mnist.py [--runs moco_baseline,byol] [--steps 150] [--probe_epochs 90]
     python bench/fashion_mnist.py --report
 
+The small-image track (``--runs small_byol,...`` or ``small_floors``): each run is a recipe of ``configs/``
+(``fashion_mnist_{framework}.yaml``, ``demo_fashion_mnist.yaml``) at ``--steps``, with any field overridden by
+``--set "--field value ..."``. ``--validation`` pretrains on the first 50,000 training images and probes on the
+last 10,000 (``train[:50000]`` / ``train[50000:]``), for choosing hyperparameters without the test set; without
+it, runs pretrain on all 60,000 and are probed once on the 10,000 test images. Every recipe run logs an online
+kNN (k = 20, 10,000-image bank, 2,000 queries from ``train[50000:]``) every ``--eval_every`` steps, with its
+pretraining seconds (evaluation time excluded), for the accuracy-versus-wall-time plot.
+
+    python bench/fashion_mnist.py --runs small_byol --steps 600 --validation --set "--crop_min_scale 0.3"
+    python bench/fashion_mnist.py --runs small_floors,small_moco,small_mocov3,small_byol,small_simsiam --steps N
+
 Scale: the demo's (ResNet-18 at 32 px, one channel, 512 -> 128 heads, batch 256, SGD momentum 0.9, weight decay
 5e-4, cosine). MoCo-family runs use the demo recipe (configs/demo_fashion_mnist.yaml: lr 0.06 per 256, tau 0.2,
 queue 4096, m 0.99); the predictor-based ones (BYOL, Ladder-BYOL, SimSiam, MoCo v3) use lr 0.05 per 256 with a
@@ -21,6 +32,8 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +41,7 @@ from pathlib import Path
 import torch
 
 from hf_siamese import SiameseConfig, SiameseModel
-from hf_siamese.cli import MODEL_FIELDS, load_recipe
+from hf_siamese.cli import MODEL_FIELDS, load_recipe, parse_pretraining_args
 from hf_siamese.data import DataArguments
 from hf_siamese.evaluation import ProbeArguments, run_linear_probe, summarise
 from hf_siamese.fashion_mnist import load_fashion_mnist
@@ -58,6 +71,12 @@ RUNS: dict[str, dict] = {
     "mocov3": {**PREDICTOR, "framework": "mocov3"},
 }
 FLOORS = ("raw_pixels", "random_init")
+RECIPE_RUNS = {f"small_{name}": ROOT / f"configs/fashion_mnist_{name}.yaml" for name in ("moco", "mocov3", "byol",
+                                                                                         "simsiam")}
+RECIPE_RUNS["small_demo"] = ROOT / "configs/demo_fashion_mnist.yaml"
+SMALL_FLOORS = ("small_raw_pixels", "small_random_init")
+SPLITS = {"test": ("train", "test"), "validation": ("train[:50000]", "train[50000:]")}
+ONLINE_KNN_QUERIES = "train[50000:]"  # never the test set: the curve is read at every evaluation
 
 
 def pretrain(name: str, steps: int, seed: int, output_dir: Path) -> dict:
@@ -87,15 +106,15 @@ def probe(model_dir: Path, probe_epochs: int) -> dict:
     return summarise(results)
 
 
-def raw_pixel_floor(probe_epochs: int, seed: int) -> dict:
+def raw_pixel_floor(probe_epochs: int, seed: int, train_split: str = "train", eval_split: str = "test") -> dict:
     """kNN and logistic regression (the same linear probe) on standardised raw pixels."""
     splits = {}
-    for split in ("train", "test"):
+    for split in (train_split, eval_split):
         dataset = load_fashion_mnist(split).with_format("numpy")
         pixels = torch.from_numpy(dataset["image"][:]).flatten(1).float() / 255
         splits[split] = Features((pixels - DEMO["image_mean"][0]) / DEMO["image_std"][0],
                                  torch.from_numpy(dataset["label"][:]).long())
-    train_set, test_set = splits["train"], splits["test"]
+    train_set, test_set = splits[train_split], splits[eval_split]
     summary = {}
     for k in (20, 200):
         predictions = knn_classify(train_set, test_set.features, k=k, temperature=0.07, num_classes=10)
@@ -104,6 +123,55 @@ def raw_pixel_floor(probe_epochs: int, seed: int) -> dict:
     for name, value in classification_accuracy(predict(heads, test_set)["last"], test_set.labels).items():
         summary[f"linear_{name}"] = round(value, 4)
     return summary
+
+
+def pretrain_recipe(recipe: Path, args: argparse.Namespace, output_dir: Path) -> dict:
+    """Pretrain a recipe (with ``--set`` overrides) on the run's split; its budget, loss and online-kNN curves."""
+    train_split, _ = SPLITS[args.split]
+    config, data_args, train_args = parse_pretraining_args([
+        "--config", str(recipe), *shlex.split(args.set), "--dataset_name", "fashion_mnist", "--split", train_split,
+        "--output_dir", str(output_dir), "--max_steps", str(args.steps), "--seed", str(args.seed),
+        "--report_to", "none", "--logging_steps", "10", "--eval_steps", str(args.eval_every),
+        "--eval_split", ONLINE_KNN_QUERIES, "--knn_bank_split", SPLITS["validation"][0],
+        "--max_eval_samples", "2000", "--knn_bank_size", "10000",
+    ])
+    result = train(config, data_args, train_args)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    run_info = json.loads((output_dir / "training_run.json").read_text())
+    throughput = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first includes start-up
+    return {"pretrain_seconds": round(result.train_seconds, 1), "epochs": round(run_info["epochs"], 2),
+            "images_per_s": round(statistics.median(throughput), 1) if throughput else None,
+            "processes": run_info["processes"], "cpu_threads": torch.get_num_threads(),
+            "final_loss": round(result.loss, 4),
+            "loss_curve": [[r["step"], round(r["loss"], 4)] for r in records if "loss" in r],
+            "knn_curve": [[r["step"], r["seconds"], r["knn_top1"]] for r in records if "knn_top1" in r]}
+
+
+def probe_split(model_dir: Path, args: argparse.Namespace) -> dict:
+    train_split, eval_split = SPLITS[args.split]
+    results = run_linear_probe(ProbeArguments(
+        model_name_or_path=str(model_dir), dataset_name="fashion_mnist", train_split=train_split,
+        eval_split=eval_split, num_train_epochs=args.probe_epochs, output_dir=str(model_dir), disable_tqdm=True,
+    ))
+    return summarise(results)
+
+
+def run_small(name: str, args: argparse.Namespace) -> dict:
+    """A run of the small-image track: a recipe, or a floor measured with the demo recipe's encoder."""
+    record = {"bench": "fashion_mnist_small", "run": name, "steps": 0 if name in SMALL_FLOORS else args.steps,
+              "seed": args.seed, "probe_epochs": args.probe_epochs, "split": args.split,
+              "set": "" if name in SMALL_FLOORS else args.set}
+    if name == "small_raw_pixels":
+        return {**record, **raw_pixel_floor(args.probe_epochs, args.seed, *SPLITS[args.split])}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch)
+        if name == "small_random_init":
+            config, _, _ = parse_pretraining_args(["--config", str(RECIPE_RUNS["small_demo"])])
+            torch.manual_seed(args.seed)
+            SiameseModel(config).save_pretrained(model_dir)
+        else:
+            record.update(pretrain_recipe(RECIPE_RUNS[name], args, model_dir))
+        return {**record, **probe_split(model_dir, args)}
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
@@ -164,13 +232,28 @@ def plot(results_path: Path) -> list[Path]:
 
 
 def _run_key(record: dict) -> tuple:
-    return record["run"], record["steps"], record["seed"], record.get("probe_epochs", 90)
+    return (record["run"], record["steps"], record["seed"], record.get("probe_epochs", 90),
+            record.get("split", "test"), record.get("set", ""))
+
+
+def _requested_record(name: str, args: argparse.Namespace) -> dict:
+    """The key fields a finished run ``name`` with these arguments has."""
+    floor = name in FLOORS or name in SMALL_FLOORS
+    record = {"run": name, "steps": 0 if floor else args.steps, "seed": args.seed, "probe_epochs": args.probe_epochs}
+    if name in RECIPE_RUNS or name in SMALL_FLOORS:
+        record.update(split=args.split, set="" if floor else args.set)
+    return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join([*FLOORS, *RUNS]), help="Comma-separated subset.")
+    parser.add_argument("--runs", default=",".join([*FLOORS, *RUNS]),
+                        help="Comma-separated subset; `small_floors` stands for the small track's two floors.")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--validation", dest="split", action="store_const", const="validation", default="test",
+                        help="Small track: pretrain on train[:50000], probe on train[50000:] (not the test set).")
+    parser.add_argument("--set", default="", help='Small track: recipe overrides, e.g. "--crop_min_scale 0.3".')
+    parser.add_argument("--eval_every", type=int, default=50, help="Small track: online kNN every N steps.")
     parser.add_argument("--probe_epochs", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/fashion_mnist.jsonl")
@@ -183,17 +266,19 @@ def main() -> None:
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {_run_key(json.loads(line)) for line in args.results.read_text().splitlines()} if args.results.exists() else set()
-    for name in args.runs.split(","):
-        if name not in RUNS and name not in FLOORS:
-            parser.error(f"unknown run {name!r}; choose from {', '.join([*FLOORS, *RUNS])}")
-        if _run_key({"run": name, "steps": 0 if name in FLOORS else args.steps, "seed": args.seed,
-                     "probe_epochs": args.probe_epochs}) in done:
+    names = args.runs.replace("small_floors", ",".join(SMALL_FLOORS)).split(",")
+    known = [*FLOORS, *RUNS, *SMALL_FLOORS, *RECIPE_RUNS]
+    for name in names:
+        if name not in known:
+            parser.error(f"unknown run {name!r}; choose from {', '.join(known)}")
+        if _run_key(_requested_record(name, args)) in done:
             continue  # already measured with this budget
-        record = {**run(name, args), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        measured = run_small(name, args) if name in RECIPE_RUNS or name in SMALL_FLOORS else run(name, args)
+        record = {**measured, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                   "date": datetime.date.today().isoformat()}
         with args.results.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
-        print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}), flush=True)
+        print(json.dumps({k: v for k, v in record.items() if not k.endswith("_curve")}), flush=True)
 
 
 if __name__ == "__main__":

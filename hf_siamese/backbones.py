@@ -34,7 +34,28 @@ def create_backbone(config) -> nn.Module:
             raise
         model = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs)
     model.timm_model_args = kwargs
+    if getattr(config, "small_image_stem", False):
+        use_small_image_stem(model, config)
     return model
+
+
+def use_small_image_stem(model: nn.Module, config) -> None:
+    """Replace a timm ResNet's stem (7x7 stride-2 convolution, max-pool) with one 3x3 stride-1 convolution.
+
+    The stem of the CIFAR ResNets (He et al. 2016, Sec. 4.2), as in SimSiam's and MoCo's CIFAR experiments: a
+    28-32 px image keeps its resolution into the first stage instead of shrinking to 7-8 px.
+    """
+    if not all(isinstance(getattr(model, part, None), nn.Module) for part in ("conv1", "bn1", "maxpool")):
+        raise ValueError(
+            f"`small_image_stem` replaces a timm ResNet's stem (conv1, bn1, maxpool); backbone {config.backbone!r} "
+            "has none. Use a ResNet (resnet18, resnet50, ...) or leave it off."
+        )
+    model.conv1 = nn.Conv2d(config.num_channels, model.bn1.num_features, kernel_size=3, stride=1, padding=1,
+                            bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's ResNet init
+    model.maxpool = nn.Identity()
+    for info in model.feature_info:  # no stride-2 convolution and max-pool before the stages any more
+        info["reduction"] = max(info["reduction"] // 4, 1)
 
 
 def stage_indices(backbone: nn.Module) -> list[int]:

@@ -12,29 +12,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class TargetSyncBatchNorm1d(nn.SyncBatchNorm):
+class TargetSyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm whose batch moments are all-reduced over ``process_group`` (all processes when ``None``).
 
-    On CUDA this is torch's ``SyncBatchNorm``. Elsewhere (CPU/gloo, where torch's refuses to run) the moments are
-    all-reduced here; that path has no backward, which is all the target branch needs.
+    For the target branch, which needs no backward: the moments are all-reduced here on any device and backend,
+    not by torch's ``SyncBatchNorm``, which runs on GPUs only and which DDP refuses in a CPU module.
     """
 
+    def __init__(self, num_features: int, process_group=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.process_group = process_group
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda or not self.training or not _distributed():
+        if not self.training or not _distributed():
             return super().forward(input)
         if torch.is_grad_enabled() and input.requires_grad:
-            raise RuntimeError("TargetSyncBatchNorm1d on CPU has no backward; use it on the target branch only.")
+            raise RuntimeError("TargetSyncBatchNorm1d has no backward; use it on the target branch only.")
         moments = torch.stack([input.sum(0), (input * input).sum(0)]).float()
-        count = torch.tensor([float(len(input))], device=input.device)
+        count = torch.full((1,), float(len(input)), device=input.device)
         dist.all_reduce(moments, group=self.process_group)
-        dist.all_reduce(count, group=self.process_group)
-        total = count.item()
-        mean = moments[0] / total
-        var = moments[1] / total - mean * mean
+        dist.all_reduce(count, group=self.process_group)  # stays on the device: no host read
+        mean = moments[0] / count
+        var = moments[1] / count - mean * mean
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * total / max(total - 1, 1), self.momentum)
+            self.running_var.lerp_(var * count / (count - 1).clamp(min=1), self.momentum)
         output = (input - mean) / torch.sqrt(var + self.eps)
         if self.affine:
             output = output * self.weight + self.bias
@@ -101,3 +104,27 @@ def asym_bn_process_group(group_size: int | None):
         raise ValueError(f"`asym_bn_group_size` ({group_size}) must divide the number of processes ({world}).")
     group, _ = dist.new_subgroups(group_size)
     return group
+
+
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``--sync_bn``: every plain BatchNorm of ``module`` as a ``SyncBatchNorm`` over ``process_group``.
+
+    Unlike ``nn.SyncBatchNorm.convert_sync_batchnorm``, AsymBN's layers keep their class and process group (it
+    converts every BatchNorm subclass, which would make the source's ghost BN and the target's group-synchronised
+    BN world-wide SyncBatchNorms and undo the asymmetry). Parameters and buffers are the same tensors.
+    """
+    if type(module) in _PLAIN_BATCH_NORMS:
+        synced = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats, process_group)
+        if module.affine:
+            synced.weight, synced.bias = module.weight, module.bias
+        synced.running_mean, synced.running_var = module.running_mean, module.running_var
+        synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, process_group))
+    return module

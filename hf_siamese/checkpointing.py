@@ -150,7 +150,7 @@ def verify_checkpoint_files(path: Path) -> None:
     """Raise :class:`UnsafeCheckpointError` naming the first file of ``path`` that is not plain tensors.
 
     Torch files must load with ``weights_only=True``, allowing only what accelerate allows (numpy random states)
-    and three plain DeepSpeed classes of its ZeRO optimizer files; safetensors files must have a readable header.
+    and the plain DeepSpeed classes of its ZeRO optimizer files; safetensors files must have a readable header.
     """
     allowed = TORCH_SAFE_GLOBALS + _deepspeed_safe_globals()
     for file in sorted(Path(path).rglob("*")):
@@ -173,16 +173,17 @@ def verify_checkpoint_files(path: Path) -> None:
 
 
 def _deepspeed_safe_globals() -> list:
-    """The data-only DeepSpeed classes that ZeRO-1/2 optimizer state files hold (when running under DeepSpeed)."""
+    """The data-only DeepSpeed classes that ZeRO-1/2 optimizer state files hold (when running under DeepSpeed): the
+    loss scalers (fp16 runs hold the dynamic one), the stage and the fp32 fragments' addresses."""
     if "deepspeed" not in sys.modules:  # not a DeepSpeed run: do not pay for importing it
         return []
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
     except ImportError:
         return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _sync_files(directory: Path, name: str | None = None) -> None:

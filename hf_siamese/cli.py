@@ -1,7 +1,9 @@
 """Command-line arguments of the scripts: a YAML recipe, then ``--field value`` overrides.
 
 Every field of :class:`SiameseConfig` (the model), :class:`DataArguments` and :class:`PretrainingArguments` can
-be set in the recipe or on the command line; an unknown key is an error that names it and the file.
+be set in the recipe or on the command line; an unknown key is an error that names it and the file. With
+``--model_name_or_path`` the model fields start from the checkpoint's ``config.json``, and the recipe and the
+command line override them, as in the transformers examples.
 """
 
 import argparse
@@ -50,12 +52,20 @@ def parse_pretraining_args(argv: list[str] | None = None) -> tuple[SiameseConfig
     namespace = outputs[2] if len(outputs) > 2 else argparse.Namespace()
     model_fields = {k: v for k, v in recipe.items() if k in MODEL_FIELDS}
     model_fields.update({k: getattr(namespace, k) for k in MODEL_FIELDS if hasattr(namespace, k)})
+    if train_args.model_name_or_path:  # continued pretraining: the checkpoint's model, with explicit overrides
+        model_fields = {**checkpoint_model_fields(train_args.model_name_or_path), **model_fields}
     try:
         config = SiameseConfig(**model_fields)
     except StrictDataclassError as error:  # a value of the wrong type; the message names the field
         where = f" (recipe {known.config})" if known.config else ""
         raise ValueError(f"Invalid model field{where}: {' '.join(str(error).split())}") from error
     return config, data_args, train_args
+
+
+def checkpoint_model_fields(model_name_or_path: str) -> dict:
+    """The model fields of a saved checkpoint's ``config.json`` (local directory or Hub id)."""
+    config = SiameseConfig.from_pretrained(model_name_or_path)
+    return {name: getattr(config, name) for name in MODEL_FIELDS}
 
 
 def load_recipe(path: Path) -> dict:

@@ -13,6 +13,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 FRAMEWORKS = ("moco", "mocov3", "byol", "simsiam")
+AUGMENTATIONS = ("mocov2", "byol", "small_gray")  # hf_siamese.views.RECIPES (not imported: this file is torch-free)
 
 # Widths are the papers' ResNet-50 ones; the projector's input width is always the backbone's feature width.
 FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -97,6 +98,9 @@ class SiameseConfig(PreTrainedConfig):
             timm model name (`resnet18`, `resnet50`, `vit_small_patch16_224`, ...), built with random weights.
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`).
+        small_image_stem (`bool`, defaults to `False`):
+            timm ResNets only: a 3x3 stride-1 convolution without max-pool as the stem (the CIFAR ResNet's), so
+            that 28-64 px images keep their resolution into the first stage. Not exportable to timm's format.
         image_size (`int`, defaults to 224):
             Training resolution; passed to timm as `img_size` where the model takes it (ViT).
         num_channels (`int`, defaults to 3):
@@ -118,9 +122,11 @@ class SiameseConfig(PreTrainedConfig):
         shuffle_bn (`bool`, *optional*):
             MoCo's shuffling BN on several processes: the target encodes a random permutation of the global batch.
         augmentation (`str`, *optional*):
-            View recipe: `mocov2` (MoCo v2 / SimSiam) or `byol` (BYOL / MoCo v3, asymmetric blur and solarize).
+            View recipe: `mocov2` (MoCo v2 / SimSiam), `byol` (BYOL / MoCo v3, asymmetric blur and solarize) or
+            `small_gray` (28-32 px one-channel images: brightness/contrast, a 3 px blur, no colour operations).
         crop_min_scale (`float`, *optional*):
-            Lower bound of the global crops' RandomResizedCrop scale (recipe default: 0.2 mocov2, 0.08 byol).
+            Lower bound of the global crops' RandomResizedCrop scale (recipe default: 0.2 mocov2, 0.08 byol, 0.2
+            small_gray).
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation per channel; ImageNet's when unset (their mean for one channel).
         multicrop (`bool`): MultiCrop: `multicrop_num_local` source-only crops of `multicrop_local_size` px at
@@ -149,6 +155,7 @@ class SiameseConfig(PreTrainedConfig):
 
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] | None = None
+    small_image_stem: bool = False
     image_size: int = 224
     num_channels: int = 3
     framework: str = "moco"
@@ -242,8 +249,8 @@ class SiameseConfig(PreTrainedConfig):
         self._check_designs()
 
     def _check_designs(self):
-        if self.augmentation not in ("mocov2", "byol"):
-            raise ValueError(f"`augmentation` must be 'mocov2' or 'byol', got {self.augmentation!r}.")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"`augmentation` must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
         if self.crop_min_scale is not None and not 0 < self.crop_min_scale <= 1:
             raise ValueError(f"`crop_min_scale` must be in (0, 1], got {self.crop_min_scale}.")
         for name in ("image_mean", "image_std"):

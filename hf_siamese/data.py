@@ -274,11 +274,12 @@ class PretrainingData:
         dataset: map-style or iterable dataset with an image column.
         transform: image -> ``{"source": [...], "target": [...]}`` (see :class:`~hf_siamese.views.MultiViewTransform`).
         batch_size: per-process batch size; incomplete batches are dropped so that every process steps together.
+        pin_memory: pin batches in page-locked memory (for asynchronous copies to a CUDA device).
     """
 
     def __init__(self, dataset, transform: Callable, *, batch_size: int, num_channels: int, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer_size: int = 10_000,
-                 image_column: str | None = None):
+                 image_column: str | None = None, pin_memory: bool = False):
         self.num_examples = _known_length(dataset)
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset(num_shards=max(world_size * max(num_workers, 1), 1))
@@ -290,7 +291,7 @@ class PretrainingData:
         self.stream = ViewStream(dataset, column, transform, image_mode(num_channels), seed, rank)
         self.loader = DataLoader(
             self.stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
-            drop_last=True,
+            drop_last=True, pin_memory=pin_memory,
         )
 
     @property

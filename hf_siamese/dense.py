@@ -56,9 +56,9 @@ def dense_cosine_loss(predictions: torch.Tensor, targets: torch.Tensor, index: t
     """
     matched = targets.gather(1, index.unsqueeze(-1).expand(-1, -1, targets.shape[-1]))
     per_cell = 2 - 2 * F.cosine_similarity(predictions, matched, dim=-1)
-    if not valid.any():
-        return predictions.sum() * 0.0  # no overlap in this batch: a zero that keeps the graph
-    return per_cell[valid].mean()
+    # A masked mean, not per_cell[valid]: no host read, and zero (with a graph) when no cell overlaps.
+    weights = valid.to(per_cell.dtype)
+    return (per_cell * weights).sum() / weights.sum().clamp(min=1)
 
 
 def grid_side(num_cells: int) -> int:

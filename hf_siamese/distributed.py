@@ -21,8 +21,10 @@ def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
+    # Contiguous input and outputs (a channels-last view is not): the collective copies raw memory.
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
     return torch.cat(gathered, dim=0)
 
 

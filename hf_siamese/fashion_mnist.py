@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, Features, Image, ReadInstruction, load_dataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HUB_ID = "zalando-datasets/fashion_mnist"
@@ -74,10 +74,16 @@ def _encode_png(images: np.ndarray) -> list[bytes]:
 
 
 def load_fashion_mnist(split: str = "train", directory: str | Path | None = None) -> Dataset:
-    """Fashion-MNIST ``split`` from the IDX files in ``directory`` (default ``FASHION_MNIST_DIR``), else the Hub."""
+    """Fashion-MNIST ``split`` from the IDX files in ``directory`` (default ``FASHION_MNIST_DIR``), else the Hub.
+
+    ``split`` takes datasets' slice syntax, e.g. ``"train[:50000]"`` and ``"train[50000:]"``: a validation split
+    carved from the training images (the benchmarks' ``--validation``).
+    """
     directory = FASHION_MNIST_DIR if directory is None else Path(directory)
+    instruction = ReadInstruction.from_spec(split)
+    name = split.split("[")[0]
     try:
-        images_path, labels_path = find_idx_files(directory, split)
+        images_path, labels_path = find_idx_files(directory, name)
     except FileNotFoundError as local_error:
         try:
             return load_dataset(HUB_ID, split=split)
@@ -89,5 +95,7 @@ def load_fashion_mnist(split: str = "train", directory: str | Path | None = None
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{images_path} {images.shape} and {labels_path} {labels.shape} do not match")
+    (part,) = instruction.to_absolute({name: len(images)})
+    images, labels = images[part.from_:part.to], labels[part.from_:part.to]
     image_column = [{"bytes": png, "path": None} for png in _encode_png(images)]
     return Dataset.from_dict({"image": image_column, "label": labels}, features=FEATURES)

@@ -299,6 +299,17 @@ def loss_curve_svg(points: list[tuple[int, float]], width: int = 640, height: in
     )
 
 
+def check_timm_exportable(config) -> None:
+    """Raise ``ValueError`` when timm cannot rebuild the encoder's architecture from its own model arguments."""
+    if getattr(config, "small_image_stem", False):
+        raise ValueError(
+            "export_timm: `small_image_stem` (a 3x3 stride-1 stem without max-pool) is not an architecture timm's "
+            f"{config.backbone!r} builds, so plain timm would load these weights into a different model (its 7x7 "
+            "stride-2 stem and max-pool). Share the hf_siamese checkpoint instead: it loads without hf_siamese "
+            "with AutoModel.from_pretrained(..., trust_remote_code=True)."
+        )
+
+
 def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = EVAL_CROP_PCT) -> Path:
     """Write the source encoder in timm's Hub format: loads without hf_siamese, as timm or transformers models.
 
@@ -310,6 +321,7 @@ def export_timm(model_or_path, output_dir: str | Path, crop_pct: float = EVAL_CR
     """
     model = model_or_path if isinstance(model_or_path, torch.nn.Module) else AutoModel.from_pretrained(model_or_path)
     encoder = model.siamese if isinstance(model, SiameseForPreTraining) else model
+    check_timm_exportable(encoder.config)
     config, backbone = encoder.config, encoder.backbone
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     timm_config = {

@@ -36,8 +36,8 @@ class QueueInfoNCELoss(nn.Module):
         positive = (query * target).sum(dim=1, keepdim=True)
         negatives = query @ queue.detach().T
         logits = torch.cat([positive, negatives], dim=1) / self.temperature
-        labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
-        return F.cross_entropy(logits, labels)
+        # Cross-entropy with label 0, without NLLLoss (no deterministic CUDA kernel: `--deterministic` refuses it).
+        return -logits.log_softmax(dim=1)[:, 0].mean()
 
 
 class BatchInfoNCELoss(nn.Module):
@@ -62,8 +62,9 @@ class BatchInfoNCELoss(nn.Module):
         query = F.normalize(prediction, dim=1)
         keys = gather_without_grad(target)
         logits = query @ keys.T / self.temperature
-        labels = torch.arange(len(query), device=query.device) + rank() * len(query)
-        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+        # Cross-entropy with label rank * B + i, without NLLLoss (as in QueueInfoNCELoss).
+        log_positives = logits.log_softmax(dim=1).narrow(1, rank() * len(query), len(query)).diagonal()
+        return -log_positives.mean() * (2 * self.temperature)
 
 
 class NormalizedMSELoss(nn.Module):

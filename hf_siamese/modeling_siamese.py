@@ -229,9 +229,6 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             self.target_dense_projectors = nn.ModuleDict(
                 {str(l): build_projector(config, w) for l, w in dense_widths.items()}
             )
-            for module in (self.target_encoder, self.target_projector, self.target_ladder_projectors,
-                           self.target_dense_projectors):
-                module.requires_grad_(False)
         if config.asym_bn:
             # AsymBN: target projector BN over a larger (synchronised) batch than the source's ghost batches.
             group = asym_bn_process_group(config.asym_bn_group_size)
@@ -239,6 +236,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                                    (self.ladder_projectors, self.target_ladder_projectors)]:
                 replace_batch_norms(source, make_ghost(config.asym_bn_source_batch))
                 replace_batch_norms(target, make_target_sync(group))
+        for target in self.target_modules():  # after AsymBN's swap, whose new layers start trainable
+            target.requires_grad_(False)
         if config.queue_size:
             for level in self.levels:
                 queue_name, pointer_name = self._queue_names(level)
@@ -269,6 +268,17 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         return [(self.target_encoder, self.siamese), (self.target_projector, self.projector),
                 (self.target_ladder_projectors, self.ladder_projectors),
                 (self.target_dense_projectors, self.dense_projectors)]
+
+    def target_modules(self) -> list[nn.Module]:
+        """The modules of the target branch (EMA copies; none for SimSiam)."""
+        return [target for target, _ in self._target_source_pairs()]
+
+    def queue_buffer_names(self) -> list[str]:
+        """Names of MoCo's queue buffers (queues and pointers of every level), identical on every process by
+        construction: each enqueues the same gathered keys."""
+        if not self.config.queue_size:
+            return []
+        return [name for level in self.levels for name in self._queue_names(level)]
 
     def _init_target_and_queue(self) -> None:
         # Runs after every child is initialised or loaded: a target that was not in the checkpoint starts as a
@@ -426,6 +436,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         return self._target_mean_projections(views)[self.levels[-1]]
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
+        # In fp32 whatever the branches' dtypes (16-bit source and fp32 target under DeepSpeed bf16/fp16).
+        prediction, target = prediction.float(), target.float()
         if negatives is not None:
             return self.criterion(prediction, target, negatives)
         return self.criterion(prediction, target)
@@ -537,7 +549,7 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             predictions, targets = cell_predictions[direction], cell_targets[group]
             index, valid = matched_cells(source_geometry[direction], target_geometry[group],
                                          grid_side(predictions.shape[1]), grid_side(targets.shape[1]))
-            terms.append(dense_cosine_loss(predictions, targets, index, valid))
+            terms.append(dense_cosine_loss(predictions.float(), targets.float(), index, valid))
         reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
         return reduce(torch.stack(terms))
 

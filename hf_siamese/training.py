@@ -17,16 +17,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import (
+    DeepSpeedPlugin, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed,
+)
 from tqdm.auto import tqdm
 
+from .batchnorm import convert_sync_batchnorm
 from .checkpointing import (
     ResumePoint, checkpoint_step, completed_checkpoints, load_checkpoint, remove_unfinished, save_checkpoint,
     set_aside_checkpoints,
 )
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
-from .hub import TRAINING_RUN, export_timm, push_folder, save_image_processor, write_model_card
+from .hub import (
+    TRAINING_RUN, check_timm_exportable, export_timm, push_folder, save_image_processor, write_model_card,
+)
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
@@ -62,7 +67,10 @@ class PretrainingArguments:
     deterministic: bool = field(
         default=False, metadata={"help": "Deterministic kernels: same seed and data give identical weights."}
     )
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no | fp16 | bf16 (default: the launcher's, `accelerate launch "
+                                        "--mixed_precision` or its config file, else no)."}
+    )
     channels_last: bool = field(
         default=False,
         metadata={"help": "Channels-last memory format for the model and the views: faster convolutions with oneDNN "
@@ -118,6 +126,8 @@ class TrainResult:
 def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments) -> TrainResult:
     """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``."""
     output_dir = Path(args.output_dir)
+    if args.export_timm:
+        check_timm_exportable(config)  # before training, not after it
     accelerator = _make_accelerator(args, output_dir)
     set_seed(args.seed, deterministic=args.deterministic)
     model = _build_model(config, args, accelerator)
@@ -129,7 +139,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         raw, transform, batch_size=args.per_device_train_batch_size, num_channels=config.num_channels,
         seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         num_workers=data_args.dataloader_num_workers, shuffle_buffer_size=data_args.shuffle_buffer_size,
-        image_column=data_args.image_column,
+        image_column=data_args.image_column, pin_memory=accelerator.device.type == "cuda",
     )
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     _check_queue(config, args.per_device_train_batch_size * accelerator.num_processes)
@@ -140,12 +150,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     learning_rate = scaled_learning_rate(args.learning_rate, global_batch, args.scale_learning_rate)
     optimizer = build_optimizer(model, args.optimizer, learning_rate, args.weight_decay, momentum=args.sgd_momentum)
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # accelerate reads the micro-batch from a prepared DataLoader; ours is not prepared (it shards itself).
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            args.per_device_train_batch_size
-        )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = _prepare(accelerator, model, optimizer, args)
     # Not prepared: we step it once per optimizer step, and checkpoint it as JSON (see checkpointing.py).
     unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model, keep_torch_compile=False)
 
@@ -212,12 +217,15 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     metrics.close()
 
     total_skipped = _sum_over_processes(accelerator, data.skipped_images)
+    state_dict = _float32_state_dict(accelerator, model, unwrapped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         save_image_processor(config, output_dir)
         run = _training_run(args, data_args, accelerator, step, steps_per_epoch, learning_rate, warmup,
                             metrics.elapsed, total_skipped)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            run["deepspeed"] = _deepspeed_settings(model)
         (output_dir / TRAINING_RUN).write_text(json.dumps(run, indent=2))
         write_model_card(output_dir, model_id=_hub_model_id(args, output_dir) if args.push_to_hub else None)
         if args.export_timm:
@@ -401,7 +409,7 @@ def _training_run(args: PretrainingArguments, data_args: DataArguments, accelera
         "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
         "optimizer": args.optimizer, "base_learning_rate": args.learning_rate, "learning_rate": learning_rate,
         "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": warmup_steps,
-        "mixed_precision": args.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
+        "mixed_precision": accelerator.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
         "dataset_name": data_args.dataset_name, "data": data_args.train_dir or data_args.data_files,
         "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
     }
@@ -446,6 +454,9 @@ def _make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerat
     # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
     backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
+    if args.deterministic:
+        # cuBLAS reads it when CUDA starts; without it, deterministic mode raises at the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Without --torch_compile, accelerate's own default (and `accelerate launch --dynamo_backend`) applies.
     dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
     return Accelerator(
@@ -454,7 +465,9 @@ def _make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerat
         # believes it is alone and the main one).
         cpu=not torch.cuda.is_available() and not deepspeed,
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # A plugin, not `gradient_accumulation_steps=`: accelerate would let a launcher's value override the run's.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps),
+        deepspeed_plugin=_deepspeed_plugin(args) if deepspeed else None,
         log_with=_trackers(args.report_to),
         project_dir=str(output_dir),
         kwargs_handlers=handlers,
@@ -477,6 +490,7 @@ def _build_model(config: SiameseConfig, args: PretrainingArguments, accelerator:
     if args.model_name_or_path:
         # Weights only from safetensors: a pickled checkpoint is never opened.
         model = SiameseForPreTraining.from_pretrained(args.model_name_or_path, config=config, use_safetensors=True)
+        model.train()  # from_pretrained returns a model in eval mode
     else:
         model = SiameseForPreTraining(config)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -486,13 +500,101 @@ def _build_model(config: SiameseConfig, args: PretrainingArguments, accelerator:
                 "DeepSpeed ZeRO-3 partitions the target encoder's parameters, so the EMA update cannot read them; "
                 "use ZeRO-1/2 (parameters replicated) or framework 'simsiam'."
             )
+        if args.optimizer == "lars" and (stage > 0 or accelerator.mixed_precision != "no"):
+            raise ValueError(
+                "`optimizer` 'lars' cannot run under DeepSpeed ZeRO or 16-bit: DeepSpeed hands the optimizer "
+                "flattened partitions of parameter groups, so LARS's trust ratio would be computed per slice, not per "
+                "layer. Launch with DDP (configs/accelerate/multi_gpu.yaml) for LARS, or use `optimizer` sgd/adamw."
+            )
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and accelerator.num_processes > 1:
         if not torch.cuda.is_available():
             raise ValueError("`sync_bn` needs CUDA: torch's SyncBatchNorm does not run on CPU.")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
+    # DDP would broadcast every MoCo queue from rank 0 at each forward; they are identical by construction.
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, model.queue_buffer_names())
     return model
+
+
+def _prepare(accelerator: Accelerator, model: SiameseForPreTraining, optimizer, args: PretrainingArguments):
+    """``accelerator.prepare`` for the model and optimizer, with what DeepSpeed needs around it."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.prepare(model, optimizer)
+    # accelerate reads the micro-batch from a prepared DataLoader; ours is not prepared (it shards itself).
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+        args.per_device_train_batch_size
+    )
+    engine, optimizer = accelerator.prepare(model, optimizer)
+    settings = _deepspeed_settings(engine)
+    for name, wanted in [("gradient_accumulation_steps", args.gradient_accumulation_steps),
+                         ("gradient_clipping", args.max_grad_norm or 0.0)]:
+        if settings[name] != wanted:
+            raise ValueError(
+                f"The DeepSpeed config sets `{name}` to {settings[name]} but this run asks for {wanted} (from "
+                f"--gradient_accumulation_steps / --max_grad_norm): set it to \"auto\" in the DeepSpeed config."
+            )
+    if settings["bf16"] or settings["fp16"]:
+        _keep_precision_after_16_bit_cast(model)
+    return engine, optimizer
+
+
+def _keep_precision_after_16_bit_cast(model: SiameseForPreTraining) -> None:
+    """After DeepSpeed cast every parameter to 16 bits: the target branch back to fp32, and the source's
+    BatchNorm statistics to its parameters' dtype.
+
+    An EMA increment of (1 - m) = 0.001-0.004 of the source-target difference falls below half a bf16 ulp, so a
+    16-bit target would never move; DeepSpeed leaves buffers in fp32, which BatchNorm on CPU refuses next to 16-bit
+    weights. The target's forward casts its input to fp32 and the loss is computed in fp32.
+    """
+    for target in model.target_modules():
+        target.float()
+    targets = {id(module) for target in model.target_modules() for module in target.modules()}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and id(module) not in targets:
+            if module.weight is not None and module.running_mean is not None:
+                module.running_mean.data = module.running_mean.data.to(module.weight.dtype)
+                module.running_var.data = module.running_var.data.to(module.weight.dtype)
+
+
+def _deepspeed_settings(engine) -> dict:
+    """What the DeepSpeed engine actually uses (for the run's record and the checks against the arguments)."""
+    return {"zero_stage": engine.zero_optimization_stage(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "gradient_clipping": engine.gradient_clipping(), "bf16": engine.bfloat16_enabled(),
+            "fp16": engine.fp16_enabled(), "train_batch_size": engine.train_batch_size()}
+
+
+def _deepspeed_plugin(args: PretrainingArguments) -> DeepSpeedPlugin:
+    """The launcher's DeepSpeed settings, with this run's gradient accumulation and clipping.
+
+    A launcher config (``gradient_accumulation_steps`` / ``gradient_clipping`` in its ``deepspeed_config``) would
+    otherwise win over the run's arguments, while the learning-rate scaling and epoch length follow the arguments;
+    and DeepSpeed clips at 1.0 unless told otherwise. A DeepSpeed JSON config's own values are checked after
+    ``prepare`` (see ``_prepare``).
+    """
+    launcher = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher not in (None, "auto", str(args.gradient_accumulation_steps)):
+        logger.warning("The launcher config sets gradient_accumulation_steps=%s; this run uses its argument, %d.",
+                       launcher, args.gradient_accumulation_steps)
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             gradient_clipping=args.max_grad_norm or 0.0)
+    for key, value in [("gradient_accumulation_steps", args.gradient_accumulation_steps),
+                       ("gradient_clipping", args.max_grad_norm or 0.0)]:
+        if plugin.deepspeed_config.get(key, "auto") == "auto":
+            plugin.deepspeed_config[key] = value
+    return plugin
+
+
+def _float32_state_dict(accelerator: Accelerator, model, unwrapped: SiameseForPreTraining) -> dict:
+    """The whole model's weights, 16-bit floating tensors (a DeepSpeed bf16/fp16 source) as fp32, the dtype its
+    config declares. Collective under DeepSpeed: ZeRO-3 gathers every process's partitions (for the main one)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state_dict = accelerator.get_state_dict(model) or {}
+    else:
+        state_dict = unwrapped.state_dict()
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
 
 
 def _check_queue(config: SiameseConfig, batch_per_forward: int) -> None:

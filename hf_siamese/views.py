@@ -37,6 +37,8 @@ class RecipeView:
     color_jitter: tuple[float, float, float, float]
     blur_probability: float
     solarize_probability: float
+    grayscale_probability: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
 # MoCo v2 (Chen et al. 2020, "aug+"): jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5, flip.
@@ -47,8 +49,20 @@ _MOCOV2 = RecipeView(color_jitter=(0.4, 0.4, 0.4, 0.1), blur_probability=0.5, so
 _BYOL_1 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=1.0, solarize_probability=0.0)
 _BYOL_2 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=0.1, solarize_probability=0.2)
 
-RECIPES: dict[str, tuple[RecipeView, RecipeView]] = {"mocov2": (_MOCOV2, _MOCOV2), "byol": (_BYOL_1, _BYOL_2)}
-RECIPE_CROP_MIN = {"mocov2": 0.2, "byol": 0.08}
+# Small grayscale images (Fashion-MNIST, MNIST: 28 px, one channel), BYOL's asymmetric layout cut down to what
+# acts on one channel: brightness and contrast only (saturation, hue and grayscale do nothing to an L image), a
+# 3 px blur of sigma 0.1-1 px (BYOL's ~10%-of-the-image kernel at 28 px) and solarize on the second view only.
+# Crop scale (0.2, 1) as in SimSiam's CIFAR experiments (Chen & He 2021, Sec. A): smaller crops of a centred
+# 28 px garment show too little of it. Probabilities and scale chosen on a validation split (docs/benchmarks.md).
+_SMALL_GRAY_1 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.5, solarize_probability=0.0,
+                           grayscale_probability=0.0, blur_sigma=(0.1, 1.0))
+_SMALL_GRAY_2 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.1, solarize_probability=0.2,
+                           grayscale_probability=0.0, blur_sigma=(0.1, 1.0))
+
+RECIPES: dict[str, tuple[RecipeView, RecipeView]] = {
+    "mocov2": (_MOCOV2, _MOCOV2), "byol": (_BYOL_1, _BYOL_2), "small_gray": (_SMALL_GRAY_1, _SMALL_GRAY_2),
+}
+RECIPE_CROP_MIN = {"mocov2": 0.2, "byol": 0.08, "small_gray": 0.2}
 
 
 def scale_mix(
@@ -223,7 +237,25 @@ class MultiViewTransform:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
+class ViewBatch(dict):
+    """A batch of views from :func:`collate_views`: ``{key: [tensor per view position]}``.
+
+    A DataLoader with ``pin_memory`` pins it through :meth:`pin_memory`, which pins a view shared by both branches
+    once, so it stays one tensor (torch's generic pinning would pin it twice).
+    """
+
+    def pin_memory(self) -> "ViewBatch":
+        pinned: dict[int, torch.Tensor] = {}
+
+        def pin(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in pinned:
+                pinned[id(tensor)] = tensor.pin_memory()
+            return pinned[id(tensor)]
+
+        return ViewBatch({key: [pin(view) for view in views] for key, views in self.items()})
+
+
+def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> ViewBatch:
     """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``
     (plus ``source_geometry``/``target_geometry`` when the views carry their crop geometry).
 
@@ -238,7 +270,7 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
             (j for j in range(len(source)) if all(s["target"][i] is s["source"][j] for s in samples)), None
         )
         target.append(source[shared] if shared is not None else default_collate([s["target"][i] for s in samples]))
-    batch = {"source_pixel_values": source, "target_pixel_values": target}
+    batch = ViewBatch(source_pixel_values=source, target_pixel_values=target)
     for key in ("source_geometry", "target_geometry"):
         if key in samples[0]:
             batch[key] = [default_collate([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
@@ -296,10 +328,11 @@ def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) 
     if num_channels == 1:
         saturation, hue = 0.0, 0.0  # no colour to change in a grayscale image
     steps = [rand_augment] if rand_augment is not None else []
+    steps.append(v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8))
+    if view.grayscale_probability:
+        steps.append(v2.RandomGrayscale(p=view.grayscale_probability))
     steps += [
-        v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([SeparableGaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=view.blur_probability),
+        v2.RandomApply([SeparableGaussianBlur(_blur_kernel(size), sigma=view.blur_sigma)], p=view.blur_probability),
         v2.RandomSolarize(threshold=128, p=view.solarize_probability),
     ]
     return v2.Compose(steps + _to_normalised_tensor(mean, std))

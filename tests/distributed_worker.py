@@ -8,13 +8,14 @@ import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from conftest import global_views, tiny_config  # noqa: E402
 from images import structured_images  # noqa: E402
 
 from hf_siamese import SiameseForPreTraining  # noqa: E402
 from hf_siamese.data import PretrainingData  # noqa: E402
-from hf_siamese.distributed import batch_shuffled  # noqa: E402
-from hf_siamese.training import PretrainingArguments, _make_accelerator  # noqa: E402
+from hf_siamese.distributed import batch_shuffled, gather_without_grad  # noqa: E402
+from hf_siamese.optim import build_optimizer  # noqa: E402
+from hf_siamese.training import PretrainingArguments, _build_model, _make_accelerator, training_step  # noqa: E402
 from hf_siamese.views import MultiViewTransform  # noqa: E402
 
 
@@ -57,6 +58,26 @@ def main(out: Path) -> None:
     report["mocov3_loss"] = result.loss.item()
     report["mocov3_predictions"] = [p.tolist() for p in result.source_predictions]
     report["mocov3_targets"] = [t.tolist() for t in result.target_embeddings]
+
+    # DDP as training builds it, with AsymBN (its target BN is all-reduced by hand: DDP refuses torch's
+    # SyncBatchNorm in a CPU module): the queues are left out of the per-forward buffer broadcast.
+    arguments = PretrainingArguments(report_to="none")
+    config = tiny_config("moco", queue_size=32, ladder_levels=[2, 4], asym_bn=True, asym_bn_source_batch=2)
+    model = _build_model(config, arguments, accelerator)
+    ddp, optimizer = accelerator.prepare(model, build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9))
+    synced = {id(buffer) for buffer in ddp.module.buffers() if any(buffer is b for b in ddp.modules_buffers)}
+    report["ddp_synced_buffers"] = [name for name, b in ddp.module.named_buffers() if id(b) in synced]
+    report["asym_bn_ddp_losses"] = []
+    for step in range(2):  # DDP fails at the second step when a parameter got no gradient in the first
+        source, target = global_views(config, batch_size=4, seed=10 * step + rank)
+        batch = {"source_pixel_values": source, "target_pixel_values": target}
+        report["asym_bn_ddp_losses"].append(training_step(accelerator, ddp, optimizer, batch).loss.item())
+
+    # A channels-last tensor (a view batch under --channels_last) gathers to the same values, contiguous.
+    local = (torch.arange(2 * 3 * 4 * 4.0).view(2, 3, 4, 4) + 1000 * rank).to(memory_format=torch.channels_last)
+    gathered = gather_without_grad(local)
+    expected = torch.cat([torch.arange(2 * 3 * 4 * 4.0).view(2, 3, 4, 4) + 1000 * r for r in range(2)])
+    report["channels_last_gather_equal"] = torch.equal(gathered, expected)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

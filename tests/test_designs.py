@@ -117,6 +117,8 @@ def test_asym_bn_swaps_the_projector_norms_and_keeps_checkpoint_keys():
     assert any(isinstance(m, TargetSyncBatchNorm1d) for m in model.target_projector.modules())
     plain = SiameseForPreTraining(tiny_config("byol"))
     assert set(model.state_dict()) == set(plain.state_dict())
+    # The swapped-in target layers stay frozen (DDP fails on trainable parameters without gradients).
+    assert not [name for name, p in model.named_parameters() if name.startswith("target_") and p.requires_grad]
 
 
 def test_asym_bn_needs_a_separate_target():

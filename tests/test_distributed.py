@@ -1,6 +1,7 @@
 """Two CPU processes through `accelerate launch`: distinct ranks, disjoint shards, gathered keys, training runs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_training import TINY_MODEL, write_parquet
 from images import structured_images
+from safetensors.torch import load_file
 from transformers import AutoModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,21 @@ def test_queue_holds_every_process_keys_in_rank_order(reports):
     for report in reports:
         assert torch.allclose(torch.tensor(report["queue_head"]), expected, atol=1e-6)
         assert report["queue_ptr"] == 8
+
+
+def test_asym_bn_trains_under_ddp_on_cpu(reports):
+    assert all(len(r["asym_bn_ddp_losses"]) == 2 and all(map(math.isfinite, r["asym_bn_ddp_losses"])) for r in reports)
+
+
+def test_ddp_does_not_broadcast_the_queues(reports):
+    for report in reports:
+        synced = report["ddp_synced_buffers"]
+        assert "siamese.backbone.bn1.running_mean" in synced  # BatchNorm statistics still follow rank 0
+        assert not [name for name in synced if name.startswith("queue")]
+
+
+def test_a_channels_last_tensor_gathers_to_its_values(reports):
+    assert all(report["channels_last_gather_equal"] for report in reports)
 
 
 def test_shuffling_bn_returns_each_key_to_its_own_query(reports):
@@ -90,33 +107,71 @@ def _deepspeed_launch(config_name, args, cwd):
     return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd, env=env)
 
 
-def test_deepspeed_zero2_on_cpu(tmp_path):
-    files = write_parquet(tmp_path / "data", structured_images(64))
+def _deepspeed_pretrain(config_name, tmp_path, framework, num_images, *extra):
+    """``run_pretraining.py`` under a DeepSpeed launch config on 2 CPU processes, tiny model, batch 8."""
+    files = write_parquet(tmp_path / "data", structured_images(num_images))
+    return _deepspeed_launch(config_name, [
+        str(ROOT / "run_pretraining.py"), "--data_files", files, "--output_dir", str(tmp_path / "out"),
+        "--framework", framework, *TINY_MODEL, "--per_device_train_batch_size", "8", "--report_to", "none", *extra,
+    ], cwd=tmp_path)
 
+
+def test_deepspeed_zero2_bf16_on_cpu(tmp_path):
     def pretrain(*extra):
-        result = _deepspeed_launch("deepspeed_zero2.yaml", [
-            str(ROOT / "run_pretraining.py"), "--data_files", files, "--output_dir", str(tmp_path / "out"),
-            "--framework", "byol", *TINY_MODEL, "--per_device_train_batch_size", "8", "--report_to", "none",
-            "--logging_steps", "1", *extra], cwd=tmp_path)
+        # The run's accumulation and clipping, not the launcher's or DeepSpeed's defaults (1 and 1.0).
+        result = _deepspeed_pretrain("deepspeed_zero2.yaml", tmp_path, "moco", 64, "--queue_size", "64",
+                                     "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5",
+                                     "--mixed_precision", "bf16", "--logging_steps", "1", *extra)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
     assert pretrain("--max_steps", "3", "--checkpointing_steps", "2") == [1, 2, 3]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    engine = json.loads((tmp_path / "out" / "training_run.json").read_text())["deepspeed"]
+    assert (engine["gradient_accumulation_steps"], engine["gradient_clipping"], engine["bf16"]) == (2, 0.5, True)
+    assert engine["train_batch_size"] == 32
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    assert int(weights["queue_ptr"]) == 3 * 2 * 16 % 64  # 3 steps of 2 micro-batches of 2 x 8 keys
     assert AutoModel.from_pretrained(tmp_path / "out") is not None
     # Resuming passes the weights_only check of every DeepSpeed file, then continues from step 2; the resumed
     # run's step 3 replaces the first run's in metrics.jsonl.
     assert pretrain("--max_steps", "4", "--resume_from_checkpoint", "latest") == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("framework", ["moco", "byol"])
+def test_deepspeed_bf16_keeps_the_target_in_fp32_and_its_ema_moves(tmp_path, framework):
+    result = _deepspeed_launch("deepspeed_zero2.yaml", [str(ROOT / "tests/deepspeed_worker.py"), str(tmp_path),
+                                                         framework], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["loss_finite"] and report["source_dtype"] == "torch.bfloat16"
+        assert report["target_dtypes"] == ["torch.float32"]
+        # target = m * target + (1 - m) * source, to fp32 rounding: the increment is not lost.
+        assert report["ema_moved"] > 0 and report["ema_error"] < 1e-3 * report["ema_moved"]
+        if framework == "moco":
+            assert (report["queue_ptr"], report["queue_dtype"]) == (16, "torch.float32")
+
+
+def test_deepspeed_zero2_refuses_lars(tmp_path):
+    result = _deepspeed_pretrain("deepspeed_zero2.yaml", tmp_path, "byol", 16, "--max_steps", "1", "--optimizer", "lars")
+    assert result.returncode != 0
+    assert "trust ratio would be computed per slice" in result.stderr
+
+
 def test_deepspeed_zero3_refuses_an_ema_target(tmp_path):
-    files = write_parquet(tmp_path / "data", structured_images(16))
-    result = _deepspeed_launch("deepspeed_zero3.yaml", [
-        str(ROOT / "run_pretraining.py"), "--data_files", files, "--output_dir", str(tmp_path / "out"),
-        "--framework", "byol", *TINY_MODEL, "--per_device_train_batch_size", "8", "--max_steps", "1",
-        "--report_to", "none"], cwd=tmp_path)
+    result = _deepspeed_pretrain("deepspeed_zero3.yaml", tmp_path, "byol", 16, "--max_steps", "1")
     assert result.returncode != 0
     assert "ZeRO-3 partitions the target encoder" in result.stderr
+
+
+def test_deepspeed_zero3_saves_whole_weights(tmp_path):
+    result = _deepspeed_pretrain("deepspeed_zero3.yaml", tmp_path, "simsiam", 32, "--max_steps", "1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [name for name, tensor in weights.items() if tensor.numel() == 0]  # no partition placeholders
+    assert AutoModel.from_pretrained(tmp_path / "out") is not None
 
 
 def test_a_failing_rank_stops_both_processes_with_the_error(tmp_path):

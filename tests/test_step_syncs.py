@@ -24,19 +24,36 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
             self.calls.append(func.__name__)
+        if func is torch.Tensor.__getitem__ and _is_boolean_mask(args[1]):  # its size is read on the host
+            self.calls.append("boolean mask")
         return func(*args, **(kwargs or {}))
+
+
+def _is_boolean_mask(index) -> bool:
+    indices = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+def with_geometry(batch: dict) -> dict:
+    """Crop geometries for the dense term: every view the whole image, the second flipped."""
+    def geometry(views):
+        return [torch.tensor([[0.0, 0.0, 1.0, 1.0, float(i % 2)]]).repeat(len(v), 1) for i, v in enumerate(views)]
+
+    return {**batch, "source_geometry": geometry(batch["source_pixel_values"]),
+            "target_geometry": geometry(batch["target_pixel_values"])}
 
 
 @pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
 @pytest.mark.parametrize("design", [{}, {"multicrop": True, "multicrop_num_local": 2, "multicrop_local_size": 16},
-                                    {"ladder_levels": [2, 4]}], ids=["base", "multicrop", "ladder"])
+                                    {"ladder_levels": [2, 4]}, {"ladder_levels": [2, 4], "ladder_dense_weight": 0.5}],
+                         ids=["base", "multicrop", "ladder", "dense"])
 def test_training_step_reads_nothing_back_to_the_host(framework, design):
     config = tiny_config(framework, **design)
     accelerator = Accelerator(cpu=True)
     model = SiameseForPreTraining(config)
     optimizer = build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = make_views(config, batch=8)
+    batch = with_geometry(make_views(config, batch=8))
     training_step(accelerator, model, optimizer, batch)  # first step: lazy state (optimizer buffers, queue copy)
     with HostReads() as reads:
         output = training_step(accelerator, model, optimizer, batch)
@@ -49,4 +66,5 @@ def test_the_detector_sees_a_host_read():
     with HostReads() as reads:
         int(torch.tensor(3))
         torch.tensor(1.0).item()
-    assert reads.calls == ["__int__", "item"]
+        torch.arange(3)[torch.tensor([True, False, True])]
+    assert reads.calls == ["__int__", "item", "boolean mask"]
