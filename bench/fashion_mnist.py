@@ -22,7 +22,7 @@ pretraining seconds (evaluation time excluded), for the accuracy-versus-wall-tim
     python bench/fashion_mnist.py --runs small_floors,small_moco,small_mocov3,small_byol,small_simsiam --steps N
 
 Scale: the demo's (ResNet-18 at 32 px, one channel, 512 -> 128 heads, batch 256, SGD momentum 0.9, weight decay
-5e-4, cosine). MoCo-family runs use the demo recipe (configs/demo_fashion_mnist.yaml: lr 0.06 per 256, tau 0.2,
+5e-4, cosine). MoCo-family runs use the demo recipe (configs/fashion_mnist_imagenet_stem_moco.yaml: lr 0.06 per 256, tau 0.2,
 queue 4096, m 0.99); the predictor-based ones (BYOL, Ladder-BYOL, SimSiam, MoCo v3) use lr 0.05 per 256 with a
 10% warm-up and their framework defaults (bench/ladder_fashion_mnist.py). Design settings follow
 configs/asym_moco_*_r50.yaml, with MultiCrop's 96 px local crops scaled to 16 px for 32 px global views.
@@ -30,9 +30,11 @@ configs/asym_moco_*_r50.yaml, with MultiCrop's 96 px local crops scaled to 16 px
 
 import argparse
 import datetime
+import hashlib
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import tempfile
 import time
@@ -50,7 +52,7 @@ from hf_siamese.probing import Features, ProbeSchedule, fit_cached_probe, knn_cl
 from hf_siamese.training import PretrainingArguments, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = load_recipe(ROOT / "configs/demo_fashion_mnist.yaml")
+DEMO = load_recipe(ROOT / "configs/fashion_mnist_imagenet_stem_moco.yaml")
 SCALE = {name: DEMO[name] for name in (
     "backbone", "image_size", "num_channels", "image_mean", "image_std", "projector_hidden_dim", "projector_dim")}
 MOCO = {name: value for name, value in DEMO.items() if name in MODEL_FIELDS}
@@ -73,7 +75,7 @@ RUNS: dict[str, dict] = {
 FLOORS = ("raw_pixels", "random_init")
 RECIPE_RUNS = {f"small_{name}": ROOT / f"configs/fashion_mnist_{name}.yaml" for name in ("moco", "mocov3", "byol",
                                                                                          "simsiam")}
-RECIPE_RUNS["small_demo"] = ROOT / "configs/demo_fashion_mnist.yaml"
+RECIPE_RUNS["small_demo"] = ROOT / "configs/fashion_mnist_imagenet_stem_moco.yaml"
 SMALL_FLOORS = ("small_raw_pixels", "small_random_init")
 SPLITS = {"test": ("train", "test"), "validation": ("train[:50000]", "train[50000:]")}
 ONLINE_KNN_QUERIES = "train[50000:]"  # never the test set: the curve is read at every evaluation
@@ -134,6 +136,9 @@ def pretrain_recipe(recipe: Path, args: argparse.Namespace, output_dir: Path) ->
         "--report_to", "none", "--logging_steps", "10", "--eval_steps", str(args.eval_every),
         "--eval_split", ONLINE_KNN_QUERIES, "--knn_bank_split", SPLITS["validation"][0],
         "--max_eval_samples", "2000", "--knn_bank_size", "10000",
+        # A killed run continues from its last checkpoint (its clock too) when the sweep is started again.
+        "--checkpointing_steps", str(args.checkpoint_every), "--checkpoints_total_limit", "1",
+        "--resume_from_checkpoint", "latest",
     ])
     result = train(config, data_args, train_args)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -152,26 +157,27 @@ def probe_split(model_dir: Path, args: argparse.Namespace) -> dict:
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=str(model_dir), dataset_name="fashion_mnist", train_split=train_split,
         eval_split=eval_split, num_train_epochs=args.probe_epochs, output_dir=str(model_dir), disable_tqdm=True,
+        dataloader_num_workers=2,
     ))
     return summarise(results)
 
 
 def run_small(name: str, args: argparse.Namespace) -> dict:
     """A run of the small-image track: a recipe, or a floor measured with the demo recipe's encoder."""
-    record = {"bench": "fashion_mnist_small", "run": name, "steps": 0 if name in SMALL_FLOORS else args.steps,
-              "seed": args.seed, "probe_epochs": args.probe_epochs, "split": args.split,
-              "set": "" if name in SMALL_FLOORS else args.set}
+    record = {"bench": "fashion_mnist_small", **_requested_record(name, args)}
     if name == "small_raw_pixels":
         return {**record, **raw_pixel_floor(args.probe_epochs, args.seed, *SPLITS[args.split])}
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = Path(scratch)
-        if name == "small_random_init":
-            config, _, _ = parse_pretraining_args(["--config", str(RECIPE_RUNS["small_demo"])])
-            torch.manual_seed(args.seed)
-            SiameseModel(config).save_pretrained(model_dir)
-        else:
-            record.update(pretrain_recipe(RECIPE_RUNS[name], args, model_dir))
-        return {**record, **probe_split(model_dir, args)}
+    model_dir = args.work_dir / hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    if name == "small_random_init":
+        config, _, _ = parse_pretraining_args(["--config", str(RECIPE_RUNS["small_demo"])])
+        torch.manual_seed(args.seed)
+        SiameseModel(config).save_pretrained(model_dir)
+    else:
+        record.update(pretrain_recipe(RECIPE_RUNS[name], args, model_dir))
+    if args.probe:
+        record.update(probe_split(model_dir, args))
+    shutil.rmtree(model_dir)  # measured: its record holds what it showed
+    return record
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
@@ -199,6 +205,41 @@ def markdown_table(results_path: Path) -> str:
         rows.append(f"| {record['run']} | {record['steps']} | {record.get('pretrain_seconds', '-')} | {accuracies} | "
                     f"{record.get('final_loss', '-')} |")
     return "\n".join(rows)
+
+
+def small_table(results_path: Path) -> str:
+    """The small track's records as a markdown table: budget, online-kNN curve, and the probes when run."""
+    rows = ["| run | split | overrides | steps | train s | images/s | online kNN by step | kNN k=20 | linear top-1 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for record in map(json.loads, results_path.read_text().splitlines()):
+        curve = ", ".join(f"{step}: {knn * 100:.1f}" for step, _, knn in record.get("knn_curve", []))
+        probes = [f"{record[key] * 100:.2f}" if key in record else "-" for key in ("knn20_top1", "linear_top1")]
+        rows.append(f"| {record['run']} | {record.get('split', 'test')} | {record.get('set') or '-'} | "
+                    f"{record['steps']} | {record.get('pretrain_seconds', '-')} | {record.get('images_per_s', '-')} | "
+                    f"{curve or '-'} | {' | '.join(probes)} |")
+    return "\n".join(rows)
+
+
+def plot_knn_curves(results_path: Path) -> Path:
+    """Online kNN against training minutes, one line per recipe run, as a PNG beside the results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for record in map(json.loads, results_path.read_text().splitlines()):
+        if record.get("knn_curve"):
+            _, seconds, knn = zip(*record["knn_curve"])
+            label = f"{record['run']} {record.get('set', '')}".strip()
+            axes.plot([s / 60 for s in seconds], [k * 100 for k in knn], marker="o", label=label)
+    axes.set(xlabel="training minutes (2 CPU cores)", ylabel="online kNN top-1 (%)",
+             title="Fashion-MNIST small-image track: online kNN on train[50000:]")
+    axes.legend(fontsize=7)
+    path = results_path.with_name(f"{results_path.stem}_knn.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def plot(results_path: Path) -> list[Path]:
@@ -233,7 +274,7 @@ def plot(results_path: Path) -> list[Path]:
 
 def _run_key(record: dict) -> tuple:
     return (record["run"], record["steps"], record["seed"], record.get("probe_epochs", 90),
-            record.get("split", "test"), record.get("set", ""))
+            record.get("split", "test"), record.get("set", ""), record.get("probe", True))
 
 
 def _requested_record(name: str, args: argparse.Namespace) -> dict:
@@ -241,7 +282,7 @@ def _requested_record(name: str, args: argparse.Namespace) -> dict:
     floor = name in FLOORS or name in SMALL_FLOORS
     record = {"run": name, "steps": 0 if floor else args.steps, "seed": args.seed, "probe_epochs": args.probe_epochs}
     if name in RECIPE_RUNS or name in SMALL_FLOORS:
-        record.update(split=args.split, set="" if floor else args.set)
+        record.update(split=args.split, set="" if floor else args.set, probe=args.probe or floor)
     return record
 
 
@@ -254,6 +295,11 @@ def main() -> None:
                         help="Small track: pretrain on train[:50000], probe on train[50000:] (not the test set).")
     parser.add_argument("--set", default="", help='Small track: recipe overrides, e.g. "--crop_min_scale 0.3".')
     parser.add_argument("--eval_every", type=int, default=50, help="Small track: online kNN every N steps.")
+    parser.add_argument("--no_probe", dest="probe", action="store_false",
+                        help="Small track: only the online-kNN curve (a quick validation proxy), no final probe.")
+    parser.add_argument("--checkpoint_every", type=int, default=500, help="Small track: checkpoint every N steps.")
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs/bench_fashion_mnist",
+                        help="Small track: one directory per unfinished run, resumed from its checkpoint.")
     parser.add_argument("--probe_epochs", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/fashion_mnist.jsonl")
@@ -261,8 +307,10 @@ def main() -> None:
                         help="Only draw the PNG plots of the results file and print its markdown table.")
     args = parser.parse_args()
     if args.report:
-        print(json.dumps({"plots": [str(path) for path in plot(args.results)]}))
-        print(markdown_table(args.results))
+        small = json.loads(args.results.read_text().splitlines()[0]).get("bench") == "fashion_mnist_small"
+        plots = [plot_knn_curves(args.results)] if small else plot(args.results)
+        print(json.dumps({"plots": [str(path) for path in plots]}))
+        print(small_table(args.results) if small else markdown_table(args.results))
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {_run_key(json.loads(line)) for line in args.results.read_text().splitlines()} if args.results.exists() else set()

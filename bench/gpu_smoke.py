@@ -73,7 +73,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.train_step import OursStep, ReferenceStep, make_views, paired_ratio, timed  # noqa: E402
+from bench.train_step import OursStep, ReferenceStep, interleaved_times, make_views, paired_ratio  # noqa: E402
 from hf_siamese import SiameseConfig, SiameseForPreTraining  # noqa: E402
 from hf_siamese.training import views_to_device  # noqa: E402
 
@@ -753,15 +753,8 @@ def compare_throughput(device: torch.device, config: SiameseConfig, batch: int, 
         steps["lightly"] = AutocastLoss(reference, device, torch.bfloat16)
         record["lightly"] = importlib.metadata.version("lightly")
     views = views_to_device(make_views(config, batch), device, channels_last=True)
-    names = list(steps)
     first = {name: float(step(views)) for name, step in steps.items()}  # the same weights: close losses
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(warmup + repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
-        for name in order:
-            seconds = timed(steps[name], views, device)
-            if repeat >= warmup:
-                times[name].append(seconds)
+    times = interleaved_times(steps, views, device, warmup, repeats)
     median = {name: statistics.median(values) for name, values in times.items()}
     record.update({
         "first_loss": first, "images_per_s": {name: round(batch / seconds, 1) for name, seconds in median.items()},

@@ -424,6 +424,18 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: i
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 
+def interleaved_times(steps: dict, views: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each of ``steps``, the order rotated each repeat so that no step always runs first."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for repeat in range(warmup + repeats):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            seconds = timed(steps[name], views, device)
+            if repeat >= warmup:
+                times[name].append(seconds)
+    return times
+
+
 def timed(step: Callable, views: dict, device: torch.device) -> float:
     start = time.perf_counter()
     loss = step(views)
@@ -484,14 +496,7 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
 
     flops = step_flops(steps["plain"], views)
     memory = {name: memory_mb(step, views, device) for name, step in steps.items()}
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for repeat in range(warmup + repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
-        for name in order:
-            seconds = timed(steps[name], views, device)
-            if repeat >= warmup:
-                times[name].append(seconds)
+    times = interleaved_times(steps, views, device, warmup, repeats)
     median = {name: statistics.median(values) for name, values in times.items()}
     images_per_s = {name: round(batch / seconds, 2) for name, seconds in median.items()}
     record = {

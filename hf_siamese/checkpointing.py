@@ -38,11 +38,13 @@ class UnsafeCheckpointError(ValueError):
 
 @dataclass
 class ResumePoint:
-    """Where a run continues: the optimizer step, and the position in the data stream of this process."""
+    """Where a run continues: the optimizer step, the position in the data stream of this process, and the
+    training seconds spent so far (so that a resumed run's clock continues)."""
 
     step: int = 0
     epoch: int = 0
     batches_done: int = 0
+    seconds: float = 0.0
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoint, scheduler,
@@ -58,7 +60,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoi
     (temporary / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict()}
+        state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict(), "train_seconds": point.seconds}
         _sync_files(temporary)  # on disk before the marker, so that a host crash cannot leave empty files
         (temporary / TRAINER_STATE).write_text(json.dumps(state))  # written last: marks the save complete
         _sync_files(temporary, TRAINER_STATE)
@@ -143,7 +145,7 @@ def load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str, sche
             logger.warning("Set aside %s: the run continues from the earlier %s.", later, path.name)
     accelerator.wait_for_everyone()
     logger.info("Resumed from %s at step %d", path, step)
-    return ResumePoint(step, data_state["epoch"], data_state["batches_done"])
+    return ResumePoint(step, data_state["epoch"], data_state["batches_done"], state.get("train_seconds", 0.0))
 
 
 def verify_checkpoint_files(path: Path) -> None:

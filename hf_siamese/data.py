@@ -65,6 +65,10 @@ class DataArguments:
     knn_bank_size: int = field(
         default=10_000, metadata={"help": "Online kNN: labelled training images in the bank (seeded sample)."}
     )
+    knn_bank_split: str | None = field(
+        default=None, metadata={"help": "Online kNN: split of `dataset_name` the bank is drawn from (default: "
+                                        "`split`); one disjoint from `eval_split` when that is carved from it."}
+    )
 
     def held_out(self) -> "DataArguments":
         """The arguments that load the labelled held-out data of the online kNN."""

@@ -6,6 +6,8 @@ interrupted save never replaces a good one; ``resume_from_checkpoint`` continues
 same augmentations, same schedules).
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -171,7 +173,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
                 learning_rate, accelerator.num_processes)
     metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step,
-                             resuming=bool(args.resume_from_checkpoint))
+                             resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
     guard = DivergenceGuard(accelerator, output_dir)
     loss_value = float("nan")
     batches = data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
@@ -206,12 +208,14 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
         if monitor is not None and step % args.variance_steps == 0:
             metrics.log({"step": step, **monitor.measure(unwrapped).as_dict()})
         if online_knn is not None and (step % args.eval_steps == 0 or step == total_steps):
-            if accelerator.is_main_process:
-                metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
-            accelerator.wait_for_everyone()
+            with metrics.paused():  # the run's `seconds` count training only
+                if accelerator.is_main_process:
+                    metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
+                accelerator.wait_for_everyone()
         if checkpoint_due:
-            checkpoint = save_checkpoint(accelerator, output_dir, ResumePoint(step, epoch, batch_index + 1),
-                                         scheduler, args.checkpoints_total_limit)
+            checkpoint = save_checkpoint(accelerator, output_dir,
+                                         ResumePoint(step, epoch, batch_index + 1, metrics.elapsed), scheduler,
+                                         args.checkpoints_total_limit)
             if args.push_checkpoints and accelerator.is_main_process:
                 _push_checkpoint(args, output_dir, checkpoint, step)
     metrics.close()
@@ -344,12 +348,16 @@ class DivergenceGuard:
 class _MetricsLogger:
     """Step metrics to the progress bar, the trackers and ``metrics.jsonl`` (one JSON line per record)."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, total_steps: int, initial_step: int, resuming: bool):
+    def __init__(self, accelerator: Accelerator, path: Path, total_steps: int, initial_step: int, resuming: bool,
+                 seconds_before: float = 0.0):
         self.accelerator = accelerator
         self.path = path
         self.progress = tqdm(total=total_steps, initial=initial_step, desc="pretraining",
                              disable=not accelerator.is_local_main_process)
         self.started = self.since = time.time()
+        self.paused_seconds = 0.0
+        self.paused_since: float | None = None
+        self.seconds_before = seconds_before  # a resumed run's clock continues from its checkpoint's
         self.images = 0
         if resuming and accelerator.is_main_process and path.exists():
             # A resumed run replays the steps after its checkpoint (all of them when there was none): drop what
@@ -361,7 +369,21 @@ class _MetricsLogger:
 
     @property
     def elapsed(self) -> float:
-        return time.time() - self.started
+        """Training seconds: since the start (and before it, for a resumed run), without the paused ones."""
+        now = self.paused_since if self.paused_since is not None else time.time()
+        return self.seconds_before + now - self.started - self.paused_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The clock stops in this block: its time counts neither in ``elapsed`` nor in the next throughput."""
+        self.paused_since = time.time()
+        try:
+            yield
+        finally:
+            pause = time.time() - self.paused_since
+            self.paused_seconds += pause
+            self.since += pause
+            self.paused_since = None
 
     def count_images(self, count: int) -> None:
         self.images += count
@@ -370,7 +392,9 @@ class _MetricsLogger:
         self.progress.update(1)
 
     def log(self, record: dict) -> None:
-        """Log ``record`` (with ``step``); records with a loss also get the throughput since the last one."""
+        """Log ``record`` (with ``step``) and the training seconds so far; records with a loss also get the
+        throughput since the last one."""
+        record["seconds"] = round(self.elapsed, 2)
         if "loss" in record:
             now = time.time()
             record["images_per_s"] = self.images / max(now - self.since, 1e-9)
@@ -636,7 +660,8 @@ def _online_knn(args: PretrainingArguments, data_args: DataArguments, accelerato
         raise ValueError("`eval_steps` (online kNN) needs whole parameters on one process; ZeRO-3 partitions them.")
     if not accelerator.is_main_process:
         return None
-    bank = load_labelled(data_args, data_args.knn_bank_size, seed=args.seed)
+    bank_data = dataclasses.replace(data_args, split=data_args.knn_bank_split) if data_args.knn_bank_split else data_args
+    bank = load_labelled(bank_data, data_args.knn_bank_size, seed=args.seed)
     queries = load_labelled(held_out, data_args.max_eval_samples, seed=args.seed)
     return OnlineKNN(bank, queries, label_column=data_args.label_column,
                      image_column=data_args.image_column, k=args.knn_k, temperature=args.knn_temperature,

@@ -59,7 +59,7 @@ def test_every_fashion_mnist_bench_run_is_a_valid_config_with_its_design_on():
     configs = {name: SiameseConfig(**fields) for name, fields in bench.RUNS.items()}
     assert len(configs) == 11
     assert configs["moco_baseline"].to_dict() == parse_pretraining_args(
-        ["--config", str(CONFIGS / "demo_fashion_mnist.yaml")])[0].to_dict()  # the baseline is the demo's model
+        ["--config", str(CONFIGS / "fashion_mnist_imagenet_stem_moco.yaml")])[0].to_dict()  # the ImageNet-stem recipe
     designs = {"multicrop": "multicrop", "scalemix": "scalemix", "asymaug": "asym_aug", "asymbn": "asym_bn",
                "meanenc": "mean_encoding"}
     for suffix, field in designs.items():

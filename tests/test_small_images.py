@@ -118,3 +118,22 @@ def test_validation_split_is_disjoint_from_the_rest_and_together_the_training_sp
     pixels = [np.asarray(row["image"]) for part in (train_part, validation) for row in part]
     assert np.array_equal(np.stack(pixels), images)  # in order, each image exactly once
     assert [row["label"] for part in (train_part, validation) for row in part] == labels.tolist()
+
+
+def test_the_online_knn_bank_comes_from_its_own_split(tmp_path, monkeypatch):
+    import hf_siamese.fashion_mnist as fashion_mnist
+    from accelerate import Accelerator
+
+    from hf_siamese.data import DataArguments
+    from hf_siamese.training import _online_knn
+
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 255, (30, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(30, dtype=np.uint8) % 10)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", tmp_path)
+    data_args = DataArguments(dataset_name="fashion_mnist", split="train", knn_bank_split="train[:20]",
+                              eval_split="train[20:]", knn_bank_size=100)
+    online_knn = _online_knn(PretrainingArguments(eval_steps=1, report_to="none"), data_args, Accelerator(cpu=True))
+    bank = {np.asarray(row["image"]).tobytes() for row in online_knn.bank}
+    queries = {np.asarray(row["image"]).tobytes() for row in online_knn.queries}
+    assert (len(bank), len(queries)) == (20, 10) and not bank & queries  # no query finds itself in the bank

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -112,6 +113,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
     run(common_args(parquet_files, resumed, *args, "--resume_from_checkpoint", "latest"))
+    # The resumed run's clock continues from the checkpoint's training seconds.
+    saved = json.loads((straight / "checkpoint-3" / "trainer_state.json").read_text())["train_seconds"]
+    later = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]  # steps 4-6
+    assert saved > 0 and [r["step"] for r in later] == [4, 5, 6] and all(r["seconds"] > saved for r in later)
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
     for key in expected:
@@ -171,6 +176,21 @@ def test_online_knn_is_logged_and_does_not_change_training(parquet_files, tmp_pa
     expected, actual = load_file(plain / "model.safetensors"), load_file(evaluated / "model.safetensors")
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_training_seconds_leave_out_paused_evaluation(tmp_path):
+    from accelerate import Accelerator
+
+    from hf_siamese.training import _MetricsLogger
+
+    metrics = _MetricsLogger(Accelerator(cpu=True), tmp_path / "metrics.jsonl", 10, 0, resuming=False,
+                             seconds_before=100.0)
+    with metrics.paused():
+        time.sleep(0.3)  # an evaluation, logged at its end
+        metrics.log({"step": 1, "knn_top1": 0.5})
+    metrics.log({"step": 1, "loss": 1.0, "lr": 0.1})
+    first, second = (json.loads(line)["seconds"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert 100.0 <= first <= second < 100.2  # the checkpoint's seconds, and not the 0.3 s paused
 
 
 def test_online_knn_without_held_out_data_is_refused(parquet_files, tmp_path):
