@@ -552,8 +552,7 @@ def _prepare(accelerator: Accelerator, model: SiameseForPreTraining, optimizer, 
     )
     engine, optimizer = accelerator.prepare(model, optimizer)
     settings = _deepspeed_settings(engine)
-    for name, wanted in [("gradient_accumulation_steps", args.gradient_accumulation_steps),
-                         ("gradient_clipping", args.max_grad_norm or 0.0)]:
+    for name, wanted in _deepspeed_run_values(args).items():
         if settings[name] != wanted:
             raise ValueError(
                 f"The DeepSpeed config sets `{name}` to {settings[name]} but this run asks for {wanted} (from "
@@ -602,13 +601,18 @@ def _deepspeed_plugin(args: PretrainingArguments) -> DeepSpeedPlugin:
     if launcher not in (None, "auto", str(args.gradient_accumulation_steps)):
         logger.warning("The launcher config sets gradient_accumulation_steps=%s; this run uses its argument, %d.",
                        launcher, args.gradient_accumulation_steps)
-    plugin = DeepSpeedPlugin(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             gradient_clipping=args.max_grad_norm or 0.0)
-    for key, value in [("gradient_accumulation_steps", args.gradient_accumulation_steps),
-                       ("gradient_clipping", args.max_grad_norm or 0.0)]:
+    values = _deepspeed_run_values(args)
+    plugin = DeepSpeedPlugin(**values)
+    for key, value in values.items():
         if plugin.deepspeed_config.get(key, "auto") == "auto":
             plugin.deepspeed_config[key] = value
     return plugin
+
+
+def _deepspeed_run_values(args: PretrainingArguments) -> dict:
+    """The DeepSpeed settings this run's arguments decide (0 clipping: none, DeepSpeed's own default is 1.0)."""
+    return {"gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "gradient_clipping": args.max_grad_norm or 0.0}
 
 
 def _float32_state_dict(accelerator: Accelerator, model, unwrapped: SiameseForPreTraining) -> dict:
