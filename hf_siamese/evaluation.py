@@ -27,6 +27,7 @@ from .probing import (
     LabelledImages,
     Level,
     ProbeSchedule,
+    autocast_dtype,
     extract_features,
     fit_augmented_probe,
     fit_cached_probe,
@@ -78,6 +79,9 @@ class ProbeArguments:
         default=EVAL_CROP_PCT, metadata={"help": "Evaluation view: resize to size/crop_pct, centre crop (1: resize only)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "no | bf16 | fp16: the frozen encoder under autocast (features in float32)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the heads' init, batch order and augmentation."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where eval_results.json goes (default: the model directory if local)."}
@@ -91,6 +95,7 @@ class ProbeArguments:
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        autocast_dtype(self.mixed_precision)  # validates it
         self.knn_neighbours  # noqa: B018 (validates `knn_k`)
         for split in ("train", "eval"):
             if not (self.dataset_name or getattr(self, f"{split}_dir") or getattr(self, f"{split}_data_files")):
@@ -183,7 +188,8 @@ def _probe(args: ProbeArguments) -> list[dict]:
 
     extract = dict(label_column=args.label_column, image_column=args.image_column, levels=stages,
                    batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-                   progress=progress, transform=spec.eval_transform(args.eval_crop_pct), input_spec=spec)
+                   progress=progress, transform=spec.eval_transform(args.eval_crop_pct), input_spec=spec,
+                   mixed_precision=args.mixed_precision)
     # Cached training features serve kNN and the cached protocol; the augmented one re-encodes every epoch.
     needs_train_features = bool(args.knn_neighbours) or args.protocol == "cached"
     train_features = extract_features(model, train_raw, **extract) if needs_train_features else None
@@ -204,7 +210,8 @@ def _probe(args: ProbeArguments) -> list[dict]:
     else:
         images = LabelledImages(train_raw, spec.train_transform(), num_channels=spec.num_channels,
                                 label_column=args.label_column, image_column=args.image_column)
-        heads = fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress)
+        heads = fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress,
+                                    args.mixed_precision)
     frozen.verify(model)
     for level, logits in predict(heads, eval_features).items():
         for name, value in classification_accuracy(logits, eval_features.labels).items():

@@ -107,18 +107,33 @@ class Features:
         return self.features if level == LAST else self.levels[level]
 
 
-def encode(model, pixel_values: torch.Tensor, stages: Iterable[int] = ()) -> dict[Level, torch.Tensor]:
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype of a ``mixed_precision`` value ("no": none)."""
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"`mixed_precision` must be one of {list(PRECISIONS)}, got {mixed_precision!r}.")
+    return PRECISIONS[mixed_precision]
+
+
+def encode(model, pixel_values: torch.Tensor, stages: Iterable[int] = (),
+           mixed_precision: str = "no") -> dict[Level, torch.Tensor]:
     """Pooled features ``{LAST: [B, D], stage: [B, C_stage], ...}`` of a batch through an encoder in eval mode.
 
     ``LAST`` is an hf_siamese or timm-wrapped model's ``pooler_output``; for other transformers models the pooler
     output flattened, or else the class token / spatial mean of ``last_hidden_state``. Stage features need an
-    hf_siamese model (its ``hidden_states`` are the backbone stages).
+    hf_siamese model (its ``hidden_states`` are the backbone stages). ``mixed_precision`` ("bf16", "fp16") runs
+    the encoder under autocast; the features come back in float32.
     """
     stages = list(stages)
-    output = model(pixel_values, output_hidden_states=True) if stages else model(pixel_values)
-    features: dict[Level, torch.Tensor] = {LAST: _pooled_output(output)}
+    dtype = autocast_dtype(mixed_precision)
+    with torch.autocast(pixel_values.device.type, dtype=dtype, enabled=dtype is not None):
+        output = model(pixel_values, output_hidden_states=True) if stages else model(pixel_values)
+    features: dict[Level, torch.Tensor] = {LAST: _pooled_output(output).float()}
     for stage in stages:
-        features[stage] = pool_stage(output.hidden_states[stage - 1], model.backbone, model.config.ladder_vit_pooling)
+        pooled = pool_stage(output.hidden_states[stage - 1], model.backbone, model.config.ladder_vit_pooling)
+        features[stage] = pooled.float()
     return features
 
 
@@ -134,11 +149,12 @@ def _pooled_output(output) -> torch.Tensor:
 def extract_features(model, dataset, *, label_column: str = "label", image_column: str | None = None,
                      batch_size: int = 256, num_workers: int = 0, progress: bool = True,
                      levels: list[int] | None = None, transform: Callable | None = None,
-                     input_spec: InputSpec | None = None) -> Features:
+                     input_spec: InputSpec | None = None, mixed_precision: str = "no") -> Features:
     """Pooled features of every image of a map-style ``dataset`` through a frozen encoder in eval mode.
 
     Images go through ``transform``, by default ``input_spec``'s (by default the model's) evaluation transform.
     ``levels`` (1-based stage indices of an hf_siamese model) also collects those stages' pooled features.
+    ``mixed_precision``: as in :func:`encode`.
     """
     spec = input_spec or InputSpec.from_model(model)
     images = LabelledImages(dataset, transform or spec.eval_transform(), num_channels=spec.num_channels,
@@ -149,8 +165,8 @@ def extract_features(model, dataset, *, label_column: str = "label", image_colum
     chunks: dict[Level, list[torch.Tensor]] = {level: [] for level in [LAST, *(levels or [])]}
     labels = []
     for pixels, batch_labels in tqdm(loader, desc="features", disable=not progress):
-        for level, pooled in encode(model, pixels.to(device), levels or []).items():
-            chunks[level].append(pooled.float().cpu())
+        for level, pooled in encode(model, pixels.to(device), levels or [], mixed_precision).items():
+            chunks[level].append(pooled.cpu())
         labels.append(batch_labels)
     stacked = {level: torch.cat(parts) for level, parts in chunks.items()}
     last = stacked.pop(LAST)
@@ -277,7 +293,8 @@ def _check_trainable(count: int) -> None:
 
 
 def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_classes: int,
-                        schedule: ProbeSchedule, num_workers: int = 0, progress: bool = True) -> ProbeHeads:
+                        schedule: ProbeSchedule, num_workers: int = 0, progress: bool = True,
+                        mixed_precision: str = "no") -> ProbeHeads:
     """Linear heads trained on freshly augmented views every epoch, through the frozen encoder in eval mode."""
     device = next(model.parameters()).device
     stages = [level for level in levels if level != LAST]
@@ -296,8 +313,8 @@ def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_
     def epoch_batches(epoch: int):
         for pixels, labels in loader:
             with torch.no_grad():
-                features = encode(model, pixels.to(device), stages)
-            yield {level: features[level].float() for level in levels}, labels.to(device)
+                features = encode(model, pixels.to(device), stages, mixed_precision)
+            yield {level: features[level] for level in levels}, labels.to(device)
 
     fit_heads(heads, epoch_batches, len(loader), schedule, progress)
     return heads

@@ -33,7 +33,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/demo_fashion_mnist.yaml"))
     parser.add_argument("--probe_epochs", type=int, default=90, help="Linear-probe epochs on the cached features.")
     known, overrides = parser.parse_known_args()
-    config, data_args, train_args = parse_pretraining_args(["--config", known.config, *_precision(overrides)])
+    native_bf16 = _native_bf16()
+    if not native_bf16 and "--mixed_precision" not in overrides:
+        print("This CPU has no native bf16 (AVX-512 BF16 or AMX): pretraining and probing in fp32.")
+        overrides = [*overrides, "--mixed_precision", "no"]
+    config, data_args, train_args = parse_pretraining_args(["--config", known.config, *overrides])
     if data_args.data_files and not glob.glob(data_args.data_files):
         shards = Path(data_args.data_files).parent
         print(f"Writing Fashion-MNIST as parquet shards to {shards} ...")
@@ -47,7 +51,7 @@ def main() -> None:
     started = time.time()
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=result.output_dir, dataset_name="fashion_mnist", num_train_epochs=known.probe_epochs,
-        disable_tqdm=True, dataloader_num_workers=2,
+        disable_tqdm=True, dataloader_num_workers=2, mixed_precision="bf16" if native_bf16 else "no",
     ))
     probe_seconds = time.time() - started
     run = json.loads(Path(result.output_dir, "training_run.json").read_text())
@@ -70,14 +74,10 @@ def main() -> None:
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})")
 
 
-def _precision(overrides: list[str]) -> list[str]:
-    """bf16 only where the CPU computes it natively (AVX-512 BF16 or AMX) or on a GPU: emulated, it is slower."""
-    if "--mixed_precision" in overrides or torch.cuda.is_available():
-        return overrides
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-        return overrides
-    print("This CPU has no native bf16 (AVX-512 BF16 or AMX): pretraining in fp32.")
-    return [*overrides, "--mixed_precision", "no"]
+def _native_bf16() -> bool:
+    """bf16 only where it is computed natively (AVX-512 BF16 or AMX, or a GPU): emulated, it is slower."""
+    return (torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
+            or torch.cpu._is_amx_tile_supported())
 
 
 def _rounded(value: float | None) -> float | None:

@@ -127,6 +127,8 @@ def test_levels_and_arguments_are_checked():
     assert parse_levels("3, last, 3", model) == [3, "last"]
     with pytest.raises(ValueError, match="`probe_levels` entry '5' is not a level of this model; valid: 1..4"):
         parse_levels("5", model)
+    with pytest.raises(ValueError, match="`mixed_precision` must be one of \\['no', 'bf16', 'fp16'\\], got 'int8'"):
+        ProbeArguments(model_name_or_path="m", dataset_name="fashion_mnist", mixed_precision="int8")
     with pytest.raises(ValueError, match="`protocol` must be one of"):
         ProbeArguments(model_name_or_path="x", protocol="finetune")
     with pytest.raises(ValueError, match="No eval data: set `dataset_name` \\(with `eval_split`\\), `eval_dir`"):

@@ -63,6 +63,22 @@ def test_extract_features_per_level():
     assert torch.allclose(result.levels[4], result.features, atol=1e-6)  # ResNet: last stage pooled = pooler
 
 
+def test_extract_features_under_bf16_autocast_gives_float32_features_close_to_float32():
+    model = SiameseModel(tiny_config())
+    dataset = datasets.Dataset.from_dict(
+        {"image": structured_images(4), "label": [0, 1, 2, 3]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    full = extract_features(model, dataset, progress=False, levels=[2])
+    half = extract_features(model, dataset, progress=False, levels=[2], mixed_precision="bf16")
+    assert half.features.dtype == half.levels[2].dtype == torch.float32
+    assert not torch.equal(half.features, full.features)  # autocast really ran the encoder in bf16
+    relative = (half.features - full.features).norm(dim=1) / full.features.norm(dim=1)
+    assert relative.max() < 0.05
+    with pytest.raises(ValueError, match="`mixed_precision` must be one of"):
+        extract_features(model, dataset, progress=False, mixed_precision="int8")
+
+
 def test_linear_probe_learns_a_linearly_separable_problem():
     generator = torch.Generator().manual_seed(0)
     directions = torch.randn(4, 32, generator=generator)

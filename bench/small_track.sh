@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The small-image track's test-set table: the two floors, then each framework's recipe at about 30 minutes of
+# pretraining on 2 CPU cores (steps from each recipe's measured images/s, docs/benchmarks.md), probed once on the
+# 10,000 test images. Resumable: finished runs are skipped and an unfinished one continues from its checkpoint, so
+# `nohup bench/small_track.sh &` can be started again in a later session.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RESULTS=${RESULTS:-bench/results/fashion_mnist_small.jsonl}
+run() { "$PY" bench/fashion_mnist.py --results "$RESULTS" --eval_every 100 --checkpoint_every 100 "$@"; }
+run --runs small_floors
+run --runs small_moco --steps 1600     # ~225 images/s
+run --runs small_mocov3 --steps 950    # ~135 images/s
+run --runs small_byol --steps 900      # ~126 images/s
+run --runs small_simsiam --steps 950
