@@ -211,15 +211,26 @@ def markdown_table(results_path: Path) -> str:
 
 def small_table(results_path: Path) -> str:
     """The small track's records as a markdown table: budget, online-kNN curve, and the probes when run."""
-    rows = ["| run | split | overrides | steps | train s | images/s | online kNN by step | kNN k=20 | linear top-1 |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | split | overrides | steps | epochs | train min | images/s | online kNN by minute | kNN k=20 | "
+            "kNN k=200 | linear top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in map(json.loads, results_path.read_text().splitlines()):
-        curve = ", ".join(f"{step}: {knn * 100:.1f}" for step, _, knn in record.get("knn_curve", []))
-        probes = [f"{record[key] * 100:.2f}" if key in record else "-" for key in ("knn20_top1", "linear_top1")]
+        seconds = record.get("pretrain_seconds")
+        probes = [f"{record[key] * 100:.2f}" if key in record else "-"
+                  for key in ("knn20_top1", "knn200_top1", "linear_top1")]
         rows.append(f"| {record['run']} | {record.get('split', 'test')} | {record.get('set') or '-'} | "
-                    f"{record['steps']} | {record.get('pretrain_seconds', '-')} | {record.get('images_per_s', '-')} | "
-                    f"{curve or '-'} | {' | '.join(probes)} |")
+                    f"{record['steps']} | {record.get('epochs', '-')} | "
+                    f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
+                    f"{_curve_by_minute(record.get('knn_curve', [])) or '-'} | {' | '.join(probes)} |")
     return "\n".join(rows)
+
+
+def _curve_by_minute(curve: list, points: int = 5) -> str:
+    """At most ``points`` evenly spaced points of an online-kNN curve, as "minutes: %" pairs."""
+    stride = max(1, -(-len(curve) // points))
+    kept = curve[stride - 1::stride] if curve else []
+    if curve and kept[-1] is not curve[-1]:
+        kept.append(curve[-1])
+    return ", ".join(f"{seconds / 60:.1f}: {knn * 100:.1f}" for _, seconds, knn in kept)
 
 
 def plot_knn_curves(results_path: Path) -> Path:
@@ -230,11 +241,12 @@ def plot_knn_curves(results_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for record in map(json.loads, results_path.read_text().splitlines()):
-        if record.get("knn_curve"):
-            _, seconds, knn = zip(*record["knn_curve"])
-            label = f"{record['run']} {record.get('set', '')}".strip()
-            axes.plot([s / 60 for s in seconds], [k * 100 for k in knn], marker="o", label=label)
+    curves = [record for record in map(json.loads, results_path.read_text().splitlines()) if record.get("knn_curve")]
+    for index, record in enumerate(curves):
+        _, seconds, knn = zip(*record["knn_curve"])
+        label = f"{record['run']} {record.get('set', '')}".strip()
+        style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has ten colours
+        axes.plot([s / 60 for s in seconds], [k * 100 for k in knn], marker="o", linestyle=style, label=label)
     axes.set(xlabel="training minutes (2 CPU cores)", ylabel="online kNN top-1 (%)",
              title="Fashion-MNIST small-image track: online kNN on train[50000:]")
     axes.legend(fontsize=7)

@@ -137,3 +137,24 @@ def test_the_online_knn_bank_comes_from_its_own_split(tmp_path, monkeypatch):
     bank = {np.asarray(row["image"]).tobytes() for row in online_knn.bank}
     queries = {np.asarray(row["image"]).tobytes() for row in online_knn.queries}
     assert (len(bank), len(queries)) == (20, 10) and not bank & queries  # no query finds itself in the bank
+
+
+def test_the_bench_table_states_each_runs_budget_and_thins_its_curve(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = {"run": "small_moco", "split": "test", "set": "", "steps": 1600, "epochs": 6.83, "pretrain_seconds": 1830,
+              "images_per_s": 224.0, "knn_curve": [[100 * i, 114.0 * i, 0.7 + 0.005 * i] for i in range(1, 17)],
+              "knn20_top1": 0.8512, "knn200_top1": 0.8234, "linear_top1": 0.8701}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(record) + "\n")
+    row = bench.small_table(results).splitlines()[-1]
+    # 16 points thinned to every 4th, the last kept; minutes from the clock's seconds
+    assert row == ("| small_moco | test | - | 1600 | 6.83 | 30.5 | 224.0 | 7.6: 72.0, 15.2: 74.0, 22.8: 76.0, "
+                   "30.4: 78.0 | 85.12 | 82.34 | 87.01 |")
+    assert bench._curve_by_minute([[100, 60, 0.5], [200, 120, 0.6], [300, 180, 0.7]], points=2) == "2.0: 60.0, 3.0: 70.0"
