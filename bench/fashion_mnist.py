@@ -23,8 +23,8 @@ pretraining seconds (evaluation time excluded), for the accuracy-versus-wall-tim
 
 The design runs (the first table): the ImageNet-stem ResNet-18 at 32 px (one channel, 512 -> 128 heads, batch 256,
 SGD momentum 0.9, weight decay 5e-4, cosine). MoCo-family runs use configs/fashion_mnist_imagenet_stem_moco.yaml
-(lr 0.06 per 256, tau 0.2, queue 4096, m 0.99); the predictor-based ones (BYOL, Ladder-BYOL, SimSiam, MoCo v3) use lr 0.05 per 256 with a
-10% warm-up and their framework defaults (bench/ladder_fashion_mnist.py). Design settings follow
+(lr 0.06 per 256, tau 0.2, queue 4096, m 0.99); the predictor-based ones (BYOL, Ladder-BYOL, SimSiam, MoCo v3)
+use lr 0.05 per 256 with a 10% warm-up and their framework defaults (bench/ladder_fashion_mnist.py). Design settings follow
 configs/asym_moco_*_r50.yaml, with MultiCrop's 96 px local crops scaled to 16 px for 32 px global views.
 """
 
@@ -35,7 +35,6 @@ import json
 import platform
 import shlex
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,12 @@ from hf_siamese.evaluation import ProbeArguments, run_linear_probe, summarise
 from hf_siamese.fashion_mnist import load_fashion_mnist
 from hf_siamese.metrics import classification_accuracy
 from hf_siamese.probing import Features, ProbeSchedule, fit_cached_probe, knn_classify, predict
-from hf_siamese.training import PretrainingArguments, train
+from hf_siamese.training import (
+    PretrainingArguments,
+    median_images_per_second,
+    native_mixed_precision,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = load_recipe(ROOT / "configs/fashion_mnist_imagenet_stem_moco.yaml")
@@ -80,7 +84,7 @@ SMALL_FLOORS = ("small_raw_pixels", "small_random_init")
 SPLITS = {"test": ("train", "test"), "validation": ("train[:50000]", "train[50000:]")}
 ONLINE_KNN_QUERIES = "train[50000:]"  # never the test set: the curve is read at every evaluation
 # The small track's probe encodes in bf16 where the CPU has it natively (bench/probe_speed.py: 1.56x).
-PROBE_PRECISION = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
+PROBE_PRECISION = native_mixed_precision()
 
 
 def pretrain(name: str, steps: int, seed: int, output_dir: Path) -> dict:
@@ -145,9 +149,8 @@ def pretrain_recipe(recipe: Path, args: argparse.Namespace, output_dir: Path) ->
     result = train(config, data_args, train_args)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     run_info = json.loads((output_dir / "training_run.json").read_text())
-    throughput = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first includes start-up
     return {"pretrain_seconds": round(result.train_seconds, 1), "epochs": round(run_info["epochs"], 2),
-            "images_per_s": round(statistics.median(throughput), 1) if throughput else None,
+            "images_per_s": median_images_per_second(output_dir),
             "processes": run_info["processes"], "cpu_threads": torch.get_num_threads(),
             "final_loss": round(result.loss, 4),
             "loss_curve": [[r["step"], round(r["loss"], 4)] for r in records if "loss" in r],

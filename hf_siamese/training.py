@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -240,6 +241,21 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     if args.push_to_hub and accelerator.is_main_process:
         _push_model(args, output_dir, step)
     return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
+
+
+def native_mixed_precision() -> str:
+    """"bf16" where it is computed natively (a GPU, or a CPU with AVX-512 BF16 or AMX), else "no": emulated bf16 is
+    slower than fp32."""
+    native = (torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
+              or torch.cpu._is_amx_tile_supported())
+    return "bf16" if native else "no"
+
+
+def median_images_per_second(output_dir: Path) -> float | None:
+    """A finished run's median training throughput over its logged intervals (the first includes start-up)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [record["images_per_s"] for record in records if "images_per_s" in record][1:]
+    return round(statistics.median(rates), 1) if rates else None
 
 
 def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:

@@ -11,18 +11,15 @@ import argparse
 import glob
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 import hf_siamese  # noqa: F401  (registers the Auto classes)
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.evaluation import ProbeArguments, format_results, run_linear_probe, summarise
-from hf_siamese.training import train
+from hf_siamese.training import median_images_per_second, native_mixed_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +30,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/demo_fashion_mnist.yaml"))
     parser.add_argument("--probe_epochs", type=int, default=90, help="Linear-probe epochs on the cached features.")
     known, overrides = parser.parse_known_args()
-    native_bf16 = _native_bf16()
+    native_bf16 = native_mixed_precision() == "bf16"
     if not native_bf16 and "--mixed_precision" not in overrides:
         print("This CPU has no native bf16 (AVX-512 BF16 or AMX): pretraining and probing in fp32.")
         overrides = [*overrides, "--mixed_precision", "no"]
@@ -58,8 +55,8 @@ def main() -> None:
     summary = {
         "demo": "fashion_mnist", "framework": config.framework, "backbone": config.backbone,
         "steps": result.global_step, "epochs": _rounded(run["epochs"]), "mixed_precision": run["mixed_precision"],
-        "images_per_s": _images_per_second(Path(result.output_dir)), "pretrain_seconds": round(pretrain_seconds, 1),
-        "probe_seconds": round(probe_seconds, 1), **summarise(results),
+        "images_per_s": median_images_per_second(Path(result.output_dir)),
+        "pretrain_seconds": round(pretrain_seconds, 1), "probe_seconds": round(probe_seconds, 1), **summarise(results),
         "model_dir": str(Path(result.output_dir).resolve()),
     }
     Path(result.output_dir, "demo_results.json").write_text(json.dumps(summary, indent=2))
@@ -74,21 +71,8 @@ def main() -> None:
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})")
 
 
-def _native_bf16() -> bool:
-    """bf16 only where it is computed natively (AVX-512 BF16 or AMX, or a GPU): emulated, it is slower."""
-    return (torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
-            or torch.cpu._is_amx_tile_supported())
-
-
 def _rounded(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
-
-
-def _images_per_second(output_dir: Path) -> float | None:
-    """Median training throughput over the logged intervals (the first includes start-up)."""
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [record["images_per_s"] for record in records if "images_per_s" in record][1:]
-    return round(statistics.median(rates), 1) if rates else None
 
 
 if __name__ == "__main__":

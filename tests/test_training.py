@@ -255,3 +255,15 @@ def test_torch_compile_trains_and_saves_the_plain_model(parquet_files, tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     assert not any(key.startswith("_orig_mod") for key in weights)  # the module, not the compiled wrapper
     assert not torch.equal(weights["target_encoder.backbone.conv1.weight"], weights["siamese.backbone.conv1.weight"])
+
+
+def test_median_images_per_second_skips_the_first_interval_which_includes_start_up(tmp_path):
+    from hf_siamese.training import median_images_per_second
+
+    lines = [{"step": 10, "loss": 1.0, "images_per_s": 5.0}, {"step": 10, "knn_top1": 0.5},
+             {"step": 20, "loss": 0.9, "images_per_s": 100.0}, {"step": 30, "loss": 0.8, "images_per_s": 120.0},
+             {"step": 40, "loss": 0.7, "images_per_s": 300.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert median_images_per_second(tmp_path) == 120.0
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    assert median_images_per_second(tmp_path) is None
