@@ -12,11 +12,11 @@ augmentations in the same order (:class:`SeededViews`), fresh ones each repeat (
 paired comparison of the two ways of getting an image to the transform: ``ratio`` is the median of the per-repeat
 ratios, ``ratio_interval`` a distribution-free interval for it (coverage in ``ratio_interval_coverage``).
 One JSON line per (design, workers); ratios are ours / baseline views per second. Ours reads through a
-1000-image shuffle buffer: with up to 1000 images per worker, datasets' 5 s pause at the end of its shards (see the
-README) falls in the start-up; with more, it falls inside the timed window, as it does once per epoch in training.
+1000-image shuffle buffer: with up to 1000 images per worker, datasets' 5 s pause at the end of its shards (see
+docs/benchmarks.md) falls in the start-up; with more, it falls inside the timed window, as it does once per epoch in training.
 
     python bench/data_pipeline.py [--images 512] [--batch 32] [--workers 0,1,2] [--designs multicrop,scalemix,randaugment] [--repeats 8]
-    python bench/data_pipeline.py --report bench/results/data_pipeline.jsonl     # the README table
+    python bench/data_pipeline.py --report bench/results/data_pipeline.jsonl     # the table in docs/benchmarks.md
 """
 
 import argparse
@@ -149,7 +149,7 @@ def median_interval(values: list[float], confidence: float = 0.9) -> tuple[tuple
 
 
 def report(path: str) -> str:
-    """The README table of a results file."""
+    """The docs/benchmarks.md table of a results file."""
     rows = ["| design | workers | ours views/s | ImageFolder views/s | ours / ImageFolder (median of paired repeats) "
             "| interval (coverage) | start-up s (ours, ImageFolder) |",
             "|---|---|---|---|---|---|---|"]
@@ -163,7 +163,7 @@ def report(path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", metavar="JSONL", help="Print the README table of a results file and exit.")
+    parser.add_argument("--report", metavar="JSONL", help="Print the docs/benchmarks.md table of a results file and exit.")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", default="0,1,2")

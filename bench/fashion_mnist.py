@@ -201,7 +201,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
 
 
 def markdown_table(results_path: Path) -> str:
-    """The results as the README's table: one row per run, accuracies in %."""
+    """The ImageNet-stem sweep as the table of docs/benchmarks.md: one row per run, accuracies in %."""
     keys = ("knn20_top1", "knn200_top1", "linear_top1", "linear_top5")
     rows = ["| run | steps | pretrain s | kNN k=20 | kNN k=200 | linear top-1 | linear top-5 | final loss |",
             "|---|---|---|---|---|---|---|---|"]
@@ -224,6 +224,21 @@ def small_table(results_path: Path) -> str:
                     f"{record['steps']} | {record.get('epochs', '-')} | "
                     f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
                     f"{_curve_by_minute(record.get('knn_curve', [])) or '-'} | {' | '.join(probes)} |")
+    return "\n".join(rows)
+
+
+def results_table(results_path: Path) -> str:
+    """The README's table of the small track's test-set runs: budget and probes, one row per run."""
+    rows = ["| run | steps | epochs | train min | images/s | kNN k=20 | kNN k=200 | linear top-1 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for record in map(json.loads, results_path.read_text().splitlines()):
+        if record.get("split", "test") != "test" or not record.get("probe", True):
+            continue
+        seconds = record.get("pretrain_seconds")
+        probes = [f"{record[key] * 100:.2f}" for key in ("knn20_top1", "knn200_top1", "linear_top1")]
+        rows.append(f"| {record['run'].removeprefix('small_')} | {record['steps']} | {record.get('epochs', '-')} | "
+                    f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
+                    f"{' | '.join(probes)} |")
     return "\n".join(rows)
 
 
@@ -322,7 +337,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/fashion_mnist.jsonl")
     parser.add_argument("--report", action="store_true",
                         help="Only draw the PNG plots of the results file and print its markdown table.")
+    parser.add_argument("--readme_table", action="store_true",
+                        help="Only print the README's table of a small-track results file.")
     args = parser.parse_args()
+    if args.readme_table:
+        print(results_table(args.results))
+        return
     if args.report:
         small = json.loads(args.results.read_text().splitlines()[0]).get("bench") == "fashion_mnist_small"
         plots = [plot_knn_curves(args.results)] if small else plot(args.results)

@@ -10,23 +10,27 @@ run in the same process, on the same views, from the same weights:
   ``NegativeCosineSimilarity``, ``NTXentLoss`` with its memory bank for MoCo, ``update_momentum``) in the loop of
   lightly's examples: the peer a user would pick instead. lightly has no MoCo v3 loss (its heads, the paper's
   loss) and no ladder; MoCo with MultiCrop has no lightly form (each ``NTXentLoss`` call enqueues), so is left out;
-- ``plain``: torch and timm only: ``nn.Sequential`` heads, the losses written out, ``torch._foreach_lerp_``.
+- ``plain``: torch and timm only: ``nn.Sequential`` heads, the losses written out, ``torch._foreach_lerp_``;
+  one forward per view, as the references and lightly's examples loop;
+- ``plain_concat``: the same, with all views of one size concatenated into one forward: the fastest plain loop a
+  user could write, whose BatchNorm mixes the views' statistics (so its loss differs; it is a speed floor only).
 
-Before timing, one step of each from the same weights must give the same loss (``loss_match``, relative 1e-4),
-so the three really compute the same thing. Then each repeat times one step of every implementation in turn
+Before timing, one step of each per-view implementation from the same weights must give the same loss
+(``loss_match``, relative 1e-4), so they really compute the same thing. Then each repeat times one step of every implementation in turn
 (order rotated), after ``--warmup`` untimed ones. Reported: median images per second, and the ratios
-``ours / lightly`` and ``ours / plain`` (above 1: ours is faster) taken per repeat, then the median, with
+``ours / lightly``, ``ours / plain`` and ``ours / plain_concat`` (above 1: ours is faster) taken per repeat, then the median, with
 ``ratio_best_*`` for the fastest of ours' variants. Memory, from an extra untimed step: on CPU the activations
 autograd saves for backward and the state (weights, buffers, optimizer), on CUDA the allocator's peak. GFLOP/s is
 the step's FLOP count (torch's ``FlopCounterMode``, forward and backward) over its median time, beside the
 machine's dense fp32 matmul rate.
 
-Extra ``ours`` variants with ``--variants channels_last,bf16,compile``: the library's ``channels_last`` option,
-``mixed_precision="bf16"`` and ``torch_compile`` (compilation happens in the warm-up steps).
+Extra ``ours`` variants with ``--variants channels_last,bf16,compile,separate_views``: the library's
+``channels_last`` option, ``mixed_precision="bf16"``, ``torch_compile`` (compilation happens in the warm-up
+steps) and ``batch_views=False`` (one forward per view).
 
     pip install -e ".[bench]"   # lightly
     python bench/train_step.py [--cases byol/r18_32/base,...] [--repeats 7] [--warmup 2] [--variants channels_last,bf16]
-    python bench/train_step.py --report bench/results/train_step.jsonl     # the README table
+    python bench/train_step.py --report bench/results/train_step.jsonl     # the table in docs/benchmarks.md
 """
 
 import argparse
@@ -248,13 +252,13 @@ class ReferenceStep(nn.Module):
     """The model math of ``SiameseForPreTraining`` written as a user of timm and a parts library would.
 
     Per level (the last stage, or every ladder level): projector and predictor on the source, an EMA copy of the
-    projector on the target. Each global source view in its own pass, the local crops in one; each target view in
-    its own pass; SimSiam reuses the source's projections under stop-gradient as its targets.
+    projector on the target. Each view in its own pass, or with ``concat_views`` the views of one size in one;
+    SimSiam reuses the source's projections under stop-gradient as its targets.
     """
 
-    def __init__(self, config: SiameseConfig, parts: Parts, device: torch.device):
+    def __init__(self, config: SiameseConfig, parts: Parts, device: torch.device, concat_views: bool = False):
         super().__init__()
-        self.config, self.parts = config, parts
+        self.config, self.parts, self.concat_views = config, parts, concat_views
         self.backbone = timm.create_model(config.backbone, num_classes=0, in_chans=config.num_channels)
         stages = [i for i, info in enumerate(self.backbone.feature_info) if not info["module"].startswith(("act1", "conv1", "bn1"))]
         self.levels = list(config.ladder_levels or [len(stages)])
@@ -289,10 +293,20 @@ class ReferenceStep(nn.Module):
         pooled[self.levels[-1]] = backbone.forward_head(final, pre_logits=True)
         return pooled
 
+    def passes(self, views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if not self.concat_views:
+            return [[view] for view in views]
+        passes = []
+        for view in views:
+            if passes and passes[-1][-1].shape == view.shape:
+                passes[-1].append(view)
+            else:
+                passes.append([view])
+        return passes
+
     def source(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
-        passes = [[v] for v in views[:num_global]] + ([views[num_global:]] if len(views) > num_global else [])
         out = {level: ([], []) for level in self.levels}
-        for group in passes:
+        for group in self.passes(views):
             for level, feature in self.features(self.backbone, torch.cat(group)).items():
                 z = self.projectors[str(level)](feature)
                 p = self.predictors[str(level)](z) if self.predictors else z
@@ -305,9 +319,9 @@ class ReferenceStep(nn.Module):
             return {level: [z.detach() for z in source[level][0][: len(views)]] for level in self.levels}
         out = {level: [] for level in self.levels}
         with torch.no_grad():
-            for view in views:
-                for level, feature in self.features(self.target_backbone, view).items():
-                    out[level].append(self.target_projectors[str(level)](feature))
+            for group in self.passes(views):
+                for level, feature in self.features(self.target_backbone, torch.cat(group)).items():
+                    out[level].extend(self.target_projectors[str(level)](feature).chunk(len(group)))
         return out
 
     def loss(self, views: dict) -> torch.Tensor:
@@ -479,9 +493,12 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
         step = ReferenceStep(config, part, device)
         step.copy_from(steps["ours"].unwrapped)
         steps[part.name] = step
+    steps["plain_concat"] = ReferenceStep(config, plain_parts(), device, concat_views=True)
+    steps["plain_concat"].copy_from(steps["ours"].unwrapped)
 
     first = {name: float(step(views)) for name, step in steps.items()}
-    match = all(abs(v - first["ours"]) <= 1e-4 * max(1.0, abs(first["ours"])) for v in first.values())
+    per_view = [value for name, value in first.items() if name != "plain_concat"]
+    match = all(abs(v - first["ours"]) <= 1e-4 * max(1.0, abs(first["ours"])) for v in per_view)
 
     for variant in variants:  # after the check: these change the numerics (bf16) or only the layout
         if variant == "bf16":
@@ -490,8 +507,12 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
             steps["ours+channels_last"] = OursStep(config, accelerator, channels_last=True)
         elif variant == "compile":  # the warm-up steps compile
             steps["ours+compile"] = OursStep(config, new_accelerator(compile=True))
+        elif variant == "separate_views":  # batch_views off: one forward per view, as the references loop
+            separate = copy.deepcopy(config)
+            separate.batch_views = False
+            steps["ours+separate_views"] = OursStep(separate, accelerator)
         else:
-            raise ValueError(f"Unknown variant {variant!r}: choose from channels_last, bf16, compile.")
+            raise ValueError(f"Unknown variant {variant!r}: choose from channels_last, bf16, compile, separate_views.")
         steps[f"ours+{variant}"].unwrapped.load_state_dict(reference)
 
     flops = step_flops(steps["plain"], views)
@@ -505,8 +526,12 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
         "views": len(views["source_pixel_values"]), "loss_match": match, "first_loss": first,
         "images_per_s": images_per_s, "median_step_s": {k: round(v, 4) for k, v in median.items()},
         "ratio_ours_plain": paired_ratio(times, "plain"),
+        "ratio_ours_plain_concat": paired_ratio(times, "plain_concat"),
         "ratio_ours_lightly": paired_ratio(times, "lightly") if "lightly" in steps else None,
+        "ratio_ours_separate_views": (paired_ratio(times, "ours+separate_views")
+                                      if "ours+separate_views" in steps else None),
         "ratio_best_ours_plain": paired_ratio(times, "plain", best_ours=True),
+        "ratio_best_ours_plain_concat": paired_ratio(times, "plain_concat", best_ours=True),
         "ratio_best_ours_lightly": paired_ratio(times, "lightly", best_ours=True) if "lightly" in steps else None,
         "lightly_left_out": lightly_reason, "memory_mb": memory, "step_gflop": round(flops / 1e9, 2),
         "gflops_per_s": {name: round(flops / seconds / 1e9, 1) for name, seconds in median.items()},
@@ -549,13 +574,13 @@ def machine() -> dict:
 
 
 def report(path: str) -> str:
-    """The README table of a results file: one row per case."""
+    """The docs/benchmarks.md table of a results file: one row per case."""
     lines = [json.loads(line) for line in open(path) if line.startswith("{")]
     ceiling = next(line for line in lines if line.get("ceiling"))
     rows = [
-        "| case | ours img/s | lightly | plain | ours / lightly | ours / plain | channels_last | bf16 "
-        "| best / lightly | best / plain | ours GFLOP/s | activations MB (ours, plain) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | ours img/s | lightly | plain | plain concat | ours / lightly | ours / plain | ours / plain concat "
+        "| channels_last | bf16 | best / lightly | best / plain | ours GFLOP/s | activations MB (ours, plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(value, digits=1):
@@ -565,7 +590,8 @@ def report(path: str) -> str:
         speed, memory = r["images_per_s"], r["memory_mb"]
         rows.append(" | ".join([
             f"| {r['case']}", cell(speed["ours"]), cell(speed.get("lightly")), cell(speed["plain"]),
-            cell(r["ratio_ours_lightly"], 3), cell(r["ratio_ours_plain"], 3),
+            cell(speed.get("plain_concat")), cell(r["ratio_ours_lightly"], 3), cell(r["ratio_ours_plain"], 3),
+            cell(r.get("ratio_ours_plain_concat"), 3),
             cell(speed.get("ours+channels_last")), cell(speed.get("ours+bf16")),
             cell(r["ratio_best_ours_lightly"], 3), cell(r["ratio_best_ours_plain"], 3),
             cell(r["gflops_per_s"]["ours"]),
@@ -578,7 +604,7 @@ def report(path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", metavar="JSONL", help="Print the README table of a results file and exit.")
+    parser.add_argument("--report", metavar="JSONL", help="Print the docs/benchmarks.md table of a results file and exit.")
     parser.add_argument("--cases", default="all", help="Comma-separated framework/scale/variant names, or 'all'.")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)

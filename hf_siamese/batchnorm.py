@@ -1,4 +1,9 @@
-"""BatchNorm variants for AsymBN (Wang et al. 2022, Sec. 4.4).
+"""BatchNorm with per-view statistics, and the variants of AsymBN (Wang et al. 2022, Sec. 4.4).
+
+Views of one size go through the encoder as one batch, yet every reference normalises each view with its own
+statistics (one forward per view). Every BatchNorm of the pretraining model is therefore a per-view one: with
+``num_views > 1`` (set by :func:`views_in_batch`) it normalises each of that many equal chunks of its input in
+turn, so outputs and running statistics are those of separate forwards, in the same order.
 
 AsymBN gives the target projector's BatchNorm the statistics of a larger batch than the source's, lowering the
 target's variance. Across processes the target BN is synchronised (:class:`TargetSyncBatchNorm1d`); on one
@@ -6,13 +11,146 @@ process the source BN normalises over small ghost batches instead (:class:`Ghost
 asymmetry is real there too. Both keep BatchNorm1d's parameters and buffers, so checkpoints are interchangeable.
 """
 
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
-class TargetSyncBatchNorm1d(nn.BatchNorm1d):
+class PerViewStatistics:
+    """Marks a BatchNorm that normalises each of ``num_views`` equal chunks of its batch on its own whenever it
+    uses batch statistics; ``num_views`` is set around a forward by :func:`views_in_batch`."""
+
+    num_views: int = 1
+
+    def _splits_views(self, input: torch.Tensor) -> bool:
+        """Whether this forward normalises per view: batch statistics in use (as torch decides) and several views."""
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        if self.num_views == 1 or not batch_statistics:
+            return False
+        if len(input) % self.num_views:
+            raise ValueError(f"A batch of {len(input)} does not split into {self.num_views} views of equal size.")
+        values_per_channel = len(input) // self.num_views * math.prod(input.shape[2:])
+        if self.training and values_per_channel == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got a view of {input.shape[1:]}.")
+        return True
+
+
+def per_view(forward: Callable) -> Callable:
+    """A BatchNorm ``forward`` that normalises each of ``self.num_views`` chunks on its own (see PerViewStatistics)."""
+
+    @functools.wraps(forward)
+    def forward_per_view(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._splits_views(input):
+            return forward(self, input)
+        return torch.cat([forward(self, view) for view in input.chunk(self.num_views)])
+
+    return forward_per_view
+
+
+@contextlib.contextmanager
+def views_in_batch(norms: Iterable[PerViewStatistics], num_views: int):
+    """Within the block, ``norms`` treat each batch as ``num_views`` views of equal size."""
+    norms = list(norms)
+    for norm in norms:
+        norm.num_views = num_views
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.num_views = 1
+
+
+class _ViewsBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of each of ``len(momenta)`` equal chunks, written into one output tensor.
+
+    Equal (to rounding) to normalising each chunk on its own and concatenating, without the concatenation's
+    copy in the forward: torch's CPU kernel writes each chunk's output into its slice of one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momenta: list[float], eps: float):
+        num_views = len(momenta)
+        output = torch.empty_like(input)
+        stats_dtype = torch.promote_types(input.dtype, torch.float32)
+        saved = input.new_empty((num_views, 2, input.shape[1]), dtype=stats_dtype)
+        for view, view_output, stats, momentum in zip(input.chunk(num_views), output.chunk(num_views), saved, momenta):
+            torch.ops.aten.native_batch_norm.out(view, weight, bias, running_mean, running_var, True, momentum, eps,
+                                                 out=view_output, save_mean=stats[0], save_invstd=stats[1])
+        ctx.save_for_backward(input, weight, saved)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, saved = ctx.saved_tensors
+        num_views = len(saved)
+        # All three gradients are asked for, so that every out= tensor is filled; unwanted ones are dropped.
+        scale = weight if weight is not None else saved.new_ones(input.shape[1])
+        grad_input = torch.empty_like(input)
+        parameter_grads = saved.new_empty((num_views, 2, input.shape[1]))
+        for view, grad, view_grad, stats, grads in zip(input.chunk(num_views), grad_output.chunk(num_views),
+                                                       grad_input.chunk(num_views), saved, parameter_grads):
+            torch.ops.aten.native_batch_norm_backward.out(grad, view, scale, None, None, stats[0], stats[1], True,
+                                                          ctx.eps, [True, True, True],
+                                                          out0=view_grad, out1=grads[0], out2=grads[1])
+        summed = parameter_grads.sum(dim=0)
+        grad_weight = summed[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = summed[1].to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class _ViewBatchNorm(PerViewStatistics):
+    """A plain BatchNorm whose per-view forward is :class:`_ViewsBatchNorm` in training on CPU, for contiguous
+    inputs with fp32 statistics (where it is measured), and elsewhere one BatchNorm call per view, concatenated
+    (under torch.compile, which fuses the copies)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self._splits_views(input):
+            return super().forward(input)
+        if not (self.training and self._writes_in_place(input)):
+            return torch.cat([super(_ViewBatchNorm, self).forward(view) for view in input.chunk(self.num_views)])
+        return _ViewsBatchNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                     self._view_momenta(), self.eps)
+
+    def _writes_in_place(self, input: torch.Tensor) -> bool:
+        parameters = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+        # The kernel keeps fp32 statistics for fp32 input, or for 16-bit input beside fp32 parameters.
+        fp32_statistics = all(t.dtype == torch.float32 for t in parameters) and (
+            input.dtype == torch.float32 or bool(parameters))
+        contiguous = input.is_contiguous() or (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last))
+        return input.device.type == "cpu" and fp32_statistics and contiguous and not torch.compiler.is_compiling()
+
+    def _view_momenta(self) -> list[float]:
+        """Each view's running-average factor, counting one tracked batch per view as separate forwards do."""
+        if not self.track_running_stats:
+            return [0.0] * self.num_views
+        momenta = []
+        for _ in range(self.num_views):
+            self.num_batches_tracked.add_(1)
+            momenta.append(self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked))
+        return momenta
+
+
+class ViewBatchNorm1d(_ViewBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class ViewBatchNorm2d(_ViewBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class ViewSyncBatchNorm(PerViewStatistics, nn.SyncBatchNorm):
+    forward = per_view(nn.SyncBatchNorm.forward)
+
+
+class TargetSyncBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
     """BatchNorm whose batch moments are all-reduced over ``process_group`` (all processes when ``None``).
 
     For the target branch, which needs no backward: the moments are all-reduced here on any device and backend,
@@ -23,6 +161,7 @@ class TargetSyncBatchNorm1d(nn.BatchNorm1d):
         super().__init__(num_features, **kwargs)
         self.process_group = process_group
 
+    @per_view
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training or not _distributed():
             return super().forward(input)
@@ -44,7 +183,7 @@ class TargetSyncBatchNorm1d(nn.BatchNorm1d):
         return output.to(input.dtype)
 
 
-class GhostBatchNorm1d(nn.BatchNorm1d):
+class GhostBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
     """BatchNorm over consecutive chunks of ``ghost_batch_size`` samples (the last chunk may be smaller).
 
     Running statistics are updated once per chunk, as if each chunk were a separate device's batch.
@@ -54,6 +193,7 @@ class GhostBatchNorm1d(nn.BatchNorm1d):
         super().__init__(num_features, **kwargs)
         self.ghost_batch_size = ghost_batch_size
 
+    @per_view
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training or len(input) <= self.ghost_batch_size:
             return super().forward(input)
@@ -64,14 +204,30 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def replace_batch_norms(module: nn.Module, make: callable) -> nn.Module:
-    """Swap every ``BatchNorm1d`` in ``module`` for ``make(bn)``, at construction (weights are initialised after)."""
+def replace_batch_norms(module: nn.Module, make: Callable, kinds: tuple[type, ...] = (nn.BatchNorm1d,)) -> nn.Module:
+    """Swap every BatchNorm of exactly one of ``kinds`` in ``module`` for ``make(bn)``, at construction (weights
+    are initialised after)."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
+        if type(child) in kinds:
             setattr(module, name, make(child))
         else:
-            replace_batch_norms(child, make)
+            replace_batch_norms(child, make, kinds)
     return module
+
+
+def make_per_view(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> ViewBatchNorm1d | ViewBatchNorm2d:
+    """The per-view form of ``bn``, holding the same parameter and buffer tensors.
+
+    transformers' flag that the module is initialised is kept too: otherwise the model's ``post_init`` would
+    initialise it again and undo what its parent did (timm's zero-init of each residual branch's last BN).
+    """
+    kind = ViewBatchNorm1d if isinstance(bn, nn.BatchNorm1d) else ViewBatchNorm2d
+    per_view_bn = kind(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                       track_running_stats=bn.track_running_stats)
+    per_view_bn._parameters, per_view_bn._buffers = bn._parameters, bn._buffers
+    if hasattr(bn, "_is_hf_initialized"):
+        per_view_bn._is_hf_initialized = bn._is_hf_initialized
+    return per_view_bn.train(bn.training)
 
 
 def make_target_sync(process_group=None):
@@ -106,19 +262,21 @@ def asym_bn_process_group(group_size: int | None):
     return group
 
 
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ViewBatchNorm1d, ViewBatchNorm2d)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """``--sync_bn``: every plain BatchNorm of ``module`` as a ``SyncBatchNorm`` over ``process_group``.
+    """``--sync_bn``: every plain BatchNorm of ``module`` as a ``SyncBatchNorm`` over ``process_group`` (per view
+    when it was).
 
     Unlike ``nn.SyncBatchNorm.convert_sync_batchnorm``, AsymBN's layers keep their class and process group (it
     converts every BatchNorm subclass, which would make the source's ghost BN and the target's group-synchronised
     BN world-wide SyncBatchNorms and undo the asymmetry). Parameters and buffers are the same tensors.
     """
     if type(module) in _PLAIN_BATCH_NORMS:
-        synced = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats, process_group)
+        kind = ViewSyncBatchNorm if isinstance(module, PerViewStatistics) else nn.SyncBatchNorm
+        synced = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group)
         if module.affine:
             synced.weight, synced.bias = module.weight, module.bias
         synced.running_mean, synced.running_var = module.running_mean, module.running_var

@@ -130,7 +130,13 @@ class SiameseConfig(PreTrainedConfig):
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation per channel; ImageNet's when unset (their mean for one channel).
         multicrop (`bool`): MultiCrop: `multicrop_num_local` source-only crops of `multicrop_local_size` px at
-            scale `multicrop_local_scale`; global crops then use `multicrop_global_scale`.
+            scale `multicrop_local_scale`; global crops then use `multicrop_global_scale`. Each local crop has its
+            own BatchNorm statistics, as in the Asym-Siam reference; `multicrop_joint_bn` normalises the local crops
+            of one size together instead (SwAV's form, one batch).
+        batch_views (`bool`, defaults to `True`):
+            Views of one size share one forward pass, with BatchNorm statistics still per view, so that results
+            equal one forward per view (the references' loop, `False`) up to rounding. Stochastic layers
+            (`drop_path_rate`, dropout) draw their masks in another order, so there only the distribution agrees.
         scalemix (`bool`): ScaleMix: each global source view, with probability `scalemix_probability`, is two
             source views mixed with a CutMix box.
         asym_aug (`bool`): AsymAug: RandAugment on the source; crop + flip only on the target.
@@ -180,6 +186,7 @@ class SiameseConfig(PreTrainedConfig):
     multicrop_local_size: int = 96
     multicrop_local_scale: list[float] | tuple[float, ...] = (0.05, 0.14)
     multicrop_global_scale: list[float] | tuple[float, ...] = (0.14, 1.0)
+    multicrop_joint_bn: bool = False
     scalemix: bool = False
     scalemix_probability: float = 1.0
     asym_aug: bool = False
@@ -195,6 +202,7 @@ class SiameseConfig(PreTrainedConfig):
     ladder_vit_pooling: str = "cls"
     ladder_dense_weight: float = 0.0
     freeze_encoder: bool = False
+    batch_views: bool = True
 
     def __post_init__(self, **kwargs):
         _refuse_misspelt_fields(kwargs)

@@ -21,7 +21,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 
 from .backbones import create_backbone, forward_stages, pool_stage, stage_cells, stage_indices
-from .batchnorm import asym_bn_process_group, make_ghost, make_target_sync, replace_batch_norms
+from .batchnorm import (
+    PerViewStatistics,
+    asym_bn_process_group,
+    make_ghost,
+    make_per_view,
+    make_target_sync,
+    replace_batch_norms,
+    views_in_batch,
+)
 from .configuration_siamese import SiameseConfig
 from .dense import dense_cosine_loss, grid_side, matched_cells
 from .distributed import batch_shuffled, gather_without_grad
@@ -236,6 +244,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                                    (self.ladder_projectors, self.target_ladder_projectors)]:
                 replace_batch_norms(source, make_ghost(config.asym_bn_source_batch))
                 replace_batch_norms(target, make_target_sync(group))
+        # Every other BatchNorm tells apart the views sharing a forward pass (batch_views).
+        replace_batch_norms(self, make_per_view, kinds=(nn.BatchNorm1d, nn.BatchNorm2d))
         for target in self.target_modules():  # after AsymBN's swap, whose new layers start trainable
             target.requires_grad_(False)
         if config.queue_size:
@@ -389,51 +399,89 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         projector, _, target_projector = self._level_heads(key)
         return target_projector if target_projector is not None else projector
 
-    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
-        """Per level, the projections and predictions of every source view.
+    def _in_one_pass(self, views_by_norm: list[list[torch.Tensor]], encode) -> dict:
+        """``encode`` of all the views in one batch, BatchNorm statistics per entry of ``views_by_norm``."""
+        pixels = torch.cat([view for views in views_by_norm for view in views])
+        if len(views_by_norm) == 1:
+            return encode(pixels)
+        with views_in_batch(self._per_view_norms(), len(views_by_norm)):
+            return encode(pixels)
 
-        Each global view is encoded in its own pass, which keeps each view's BatchNorm statistics separate as in
-        the references; each run of same-size local crops (MultiCrop) shares a pass (Caron et al. 2020).
+    def _per_view_norms(self) -> list[PerViewStatistics]:
+        return [module for module in self.modules() if isinstance(module, PerViewStatistics)]
+
+    @property
+    def _batches_views(self) -> bool:
+        """`batch_views`, unless a BatchNorm cannot tell views apart (a backbone's own BatchNorm subclass, such as
+        timm's BatchNormAct2d) or activation checkpointing recomputes the pass outside it: then one pass per view."""
+        if not self.config.batch_views or getattr(self.siamese.backbone, "grad_checkpointing", False):
+            return False
+        norms = (module for module in self.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm))
+        return all(isinstance(norm, PerViewStatistics) for norm in norms)
+
+    def _source_passes(self, views: list[torch.Tensor], num_global: int) -> list[list[list[torch.Tensor]]]:
+        """The source views as forward passes, each a list of views normalised together.
+
+        Each run of same-size global views or local crops shares a pass with `batch_views`; otherwise each view
+        has its own. Local crops normalised jointly (`multicrop_joint_bn`) always share one.
         """
-        passes = [[view] for view in views[:num_global]]
-        for view in views[num_global:]:
-            if len(passes) > num_global and passes[-1][-1].shape == view.shape:
-                passes[-1].append(view)
-            else:
-                passes.append([view])
+        batched = self._batches_views
+
+        def one_statistics_per_view(run: list[torch.Tensor]) -> list[list[list[torch.Tensor]]]:
+            return [[[view] for view in run]] if batched else [[[view]] for view in run]
+
+        passes = [p for run in _same_size_runs(views[:num_global]) for p in one_statistics_per_view(run)]
+        for run in _same_size_runs(views[num_global:]):
+            passes.extend([[run]] if self.config.multicrop_joint_bn else one_statistics_per_view(run))
+        return passes
+
+    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
+        """Per level, the projections and predictions of every source view, each view with its own BatchNorm
+        statistics as in the references (local crops optionally together)."""
         outputs = {}
-        for group in passes:
-            pixels = torch.cat(group) if len(group) > 1 else group[0]
-            for key, (projection, prediction) in self._project_source(pixels).items():
+        for views_by_norm in self._source_passes(views, num_global):
+            num_views = sum(len(group) for group in views_by_norm)
+            for key, (projection, prediction) in self._in_one_pass(views_by_norm, self._project_source).items():
                 projections, predictions = outputs.setdefault(key, ([], []))
-                projections.extend(projection.chunk(len(group)))
-                predictions.extend(prediction.chunk(len(group)))
+                projections.extend(projection.chunk(num_views))
+                predictions.extend(prediction.chunk(num_views))
         return outputs
 
     @torch.no_grad()
-    def _target_mean_projections(self, views: list[torch.Tensor]) -> dict:
-        """Per level, the mean of the target's un-normalised projections of ``views`` (one batch); per dense
-        level, the cell projections of the first view (the others' cells do not line up with it)."""
+    def _target_mean_projections(self, groups: list[list[torch.Tensor]]) -> list[dict]:
+        """Per target group, per level, the mean of the target's un-normalised projections of the group's views
+        (MeanEnc normalises them together); per dense level, the cell projections of the group's first view (the
+        others' cells do not line up with it). Groups share a pass with `batch_views`, except under shuffling BN,
+        which permutes each group's batch on its own as MoCo does."""
         encoder = self.target_encoder if self.target_encoder is not None else self.siamese
 
         def encode(pixels: torch.Tensor) -> dict:
             features = self._level_features(encoder, pixels)
             return {key: _per_cell(self._target_head(key), value) for key, value in features.items()}
 
-        pixels = torch.cat(views)
-        projections = batch_shuffled(encode, pixels) if self.config.shuffle_bn else encode(pixels)
-        batch = len(views[0])
-        return {
-            key: p[:batch] if isinstance(key, tuple) else p.view(len(views), batch, -1).mean(dim=0)
-            for key, p in projections.items()
-        }
+        def encode_shuffled(pixels: torch.Tensor) -> dict:
+            return batch_shuffled(encode, pixels)
+
+        shuffle = self.config.shuffle_bn
+        alike = len({(len(group), group[0].shape) for group in groups}) == 1
+        passes = [groups] if self._batches_views and alike and not shuffle else [[group] for group in groups]
+        results = []
+        for pass_groups in passes:
+            projections = self._in_one_pass(pass_groups, encode_shuffled if shuffle else encode)
+            shape = (len(pass_groups), len(pass_groups[0]), len(pass_groups[0][0]))
+            per_key = {
+                key: p.view(*shape, *p.shape[1:])[:, 0] if isinstance(key, tuple) else p.view(*shape, -1).mean(dim=1)
+                for key, p in projections.items()
+            }
+            results.extend({key: value[group] for key, value in per_key.items()} for group in range(len(pass_groups)))
+        return results
 
     def target_mean_projection(self, views: list[torch.Tensor]) -> torch.Tensor:
         """MeanEnc (Wang et al. 2022, Sec. 4.5): the mean of the target's un-normalised projections of ``views``.
 
         The views are encoded in one batch. With a single view this is just its target projection.
         """
-        return self._target_mean_projections(views)[self.levels[-1]]
+        return self._target_mean_projections([views])[0][self.levels[-1]]
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         # In fp32 whatever the branches' dtypes (16-bit source and fp32 target under DeepSpeed bf16/fp16).
@@ -468,7 +516,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         Args:
             source_pixel_values (`list[torch.Tensor]`):
                 Views for the source branch: the global views first (2 with a symmetric loss, else 1), then any
-                local crops. Each `[B, C, H, W]`; each is encoded in its own forward pass.
+                local crops. Each `[B, C, H, W]`; each has its own BatchNorm statistics, whether it shares a
+                forward pass with views of its size (`batch_views`) or not.
             target_pixel_values (`list[torch.Tensor]`):
                 Views for the target branch: one group per global source view (2 groups with a symmetric loss),
                 each of equal size (more than one view per group = MeanEnc). Global source view `d` is paired
@@ -499,11 +548,13 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         ]
 
         source = self._project_source_views(source_pixel_values, num_global=num_groups)
+        reused = [self._reused_source_projections(group, source_pixel_values, source) for group in target_groups]
+        to_encode = [group for group, embeddings in zip(target_groups, reused) if embeddings is None]
+        encoded = iter(self._target_mean_projections(to_encode) if to_encode else [])
         targets = {}
-        for group in target_groups:
-            embeddings = self._reused_source_projections(group, source_pixel_values, source)
+        for embeddings in reused:
             if embeddings is None:
-                embeddings = {k: F.normalize(p, dim=-1) for k, p in self._target_mean_projections(group).items()}
+                embeddings = {k: F.normalize(p, dim=-1) for k, p in next(encoded).items()}
             for key, embedding in embeddings.items():
                 targets.setdefault(key, []).append(embedding)
 
@@ -564,6 +615,17 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             if view is group[0]:
                 return {key: F.normalize(value[0][index].detach(), dim=-1) for key, value in source.items()}
         return None
+
+
+def _same_size_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``views`` cut into runs of consecutive views of one shape (MultiCrop's local crops of one size)."""
+    runs = []
+    for view in views:
+        if runs and runs[-1][-1].shape == view.shape:
+            runs[-1].append(view)
+        else:
+            runs.append([view])
+    return runs
 
 
 def _per_cell(head: nn.Module, features: torch.Tensor) -> torch.Tensor:

@@ -128,119 +128,280 @@ class TrainResult:
 
 def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments) -> TrainResult:
     """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``."""
-    output_dir = Path(args.output_dir)
     if args.export_timm:
         check_timm_exportable(config)  # before training, not after it
-    accelerator = _make_accelerator(args, output_dir)
+    accelerator = _make_accelerator(args, Path(args.output_dir))
     set_seed(args.seed, deterministic=args.deterministic)
+    run = _setup_run(config, data_args, args, accelerator)
+    resume = _start(run)
+    log = _LogMetrics(run)
+    actions = [_CheckDivergence(run), log, *_observers(run), _SaveCheckpoint(run)]  # read run.metrics when due
+    run.metrics = _MetricsLogger(accelerator, run.output_dir / "metrics.jsonl", run.schedule.total_steps, resume.step,
+                                 resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
+    step = _loop(run, resume, actions)
+    return _finish(run, step, log.loss)
+
+
+@dataclass
+class _Schedule:
+    """How long the run is and how fast it learns, fixed at the start."""
+
+    total_steps: int
+    steps_per_epoch: int | None
+    warmup_steps: int
+    learning_rate: float
+    global_batch: int
+
+
+@dataclass
+class _Run:
+    """What the loop, its after-step actions and the finish share."""
+
+    args: PretrainingArguments
+    data_args: DataArguments
+    config: SiameseConfig
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared: DDP, a DeepSpeed engine or the model itself
+    unwrapped: SiameseForPreTraining
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    raw: object  # the dataset as loaded, before views (the variance monitor's probe images come from it)
+    data: PretrainingData
+    transform: MultiViewTransform
+    schedule: _Schedule
+    guard: "DivergenceGuard"
+    metrics: "_MetricsLogger | None" = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+
+@dataclass
+class _StepDone:
+    """The optimizer step just taken, as the after-step actions see it."""
+
+    step: int
+    epoch: int
+    batch_index: int
+    output: object  # SiamesePreTrainingOutput
+    momentum: float | None
+
+
+def _setup_run(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments,
+               accelerator: Accelerator) -> _Run:
+    """The model, the data, the schedule and the optimizer, prepared by Accelerate."""
     model = _build_model(config, args, accelerator)
     config = model.config
-
-    raw = load_raw_dataset(data_args)
-    transform = MultiViewTransform.from_config(config)
+    raw, transform = load_raw_dataset(data_args), MultiViewTransform.from_config(config)
     data = PretrainingData(
-        raw, transform, batch_size=args.per_device_train_batch_size, num_channels=config.num_channels,
-        seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        num_workers=data_args.dataloader_num_workers, shuffle_buffer_size=data_args.shuffle_buffer_size,
-        image_column=data_args.image_column, pin_memory=accelerator.device.type == "cuda",
+        raw, transform, batch_size=args.per_device_train_batch_size,
+        num_channels=config.num_channels, seed=args.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=data_args.dataloader_num_workers,
+        shuffle_buffer_size=data_args.shuffle_buffer_size, image_column=data_args.image_column,
+        pin_memory=accelerator.device.type == "cuda",
     )
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     _check_queue(config, args.per_device_train_batch_size * accelerator.num_processes)
+    schedule = _schedule(args, data, accelerator)
+    optimizer = build_optimizer(model, args.optimizer, schedule.learning_rate, args.weight_decay,
+                                momentum=args.sgd_momentum)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, schedule.total_steps, schedule.warmup_steps)
+    prepared, optimizer = _prepare(accelerator, model, optimizer, args)
+    # The scheduler is not prepared: it steps once per optimizer step and is checkpointed as JSON (checkpointing.py).
+    unwrapped = accelerator.unwrap_model(prepared, keep_torch_compile=False)
+    guard = DivergenceGuard(accelerator, Path(args.output_dir))
+    return _Run(args, data_args, config, accelerator, prepared, unwrapped, optimizer, scheduler, raw, data, transform,
+                schedule, guard)
+
+
+def _schedule(args: PretrainingArguments, data: PretrainingData, accelerator: Accelerator) -> _Schedule:
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     steps_per_epoch = _optimizer_steps_per_epoch(data, args)
     total_steps = args.max_steps if args.max_steps > 0 else _steps_from_epochs(args, steps_per_epoch)
     warmup = args.warmup_steps + round(args.warmup_epochs * (steps_per_epoch or 0))
-
     learning_rate = scaled_learning_rate(args.learning_rate, global_batch, args.scale_learning_rate)
-    optimizer = build_optimizer(model, args.optimizer, learning_rate, args.weight_decay, momentum=args.sgd_momentum)
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, total_steps, warmup)
-    model, optimizer = _prepare(accelerator, model, optimizer, args)
-    # Not prepared: we step it once per optimizer step, and checkpoint it as JSON (see checkpointing.py).
-    unwrapped: SiameseForPreTraining = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return _Schedule(total_steps, steps_per_epoch, warmup, learning_rate, global_batch)
 
+
+def _start(run: _Run) -> ResumePoint:
+    """Clear what an interrupted save left, load the checkpoint to resume from (if any), start the trackers."""
+    accelerator, args = run.accelerator, run.args
     resume = ResumePoint()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name in remove_unfinished(output_dir):
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        for name in remove_unfinished(run.output_dir):
             logger.warning("Removed %s, left by an interrupted checkpoint save or deletion.", name)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
-        resume = load_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, scheduler)
-    step = resume.step
-    tracked = {**asdict(args), **asdict(data_args), "framework": config.framework, "hub_token": None}  # no secrets
-    accelerator.init_trackers("hf_siamese", config=tracked)
-    monitor = _variance_monitor(args, raw, transform, config, data_args.image_column)
-    online_knn = _online_knn(args, data_args, accelerator)
+        resume = load_checkpoint(accelerator, run.output_dir, args.resume_from_checkpoint, run.scheduler)
+    tracked = {**asdict(args), **asdict(run.data_args), "framework": run.config.framework, "hub_token": None}
+    accelerator.init_trackers("hf_siamese", config=tracked)  # no secrets in the tracked config
+    logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", run.schedule.total_steps,
+                run.schedule.global_batch, run.schedule.learning_rate, accelerator.num_processes)
+    return resume
 
-    logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", total_steps, global_batch,
-                learning_rate, accelerator.num_processes)
-    metrics = _MetricsLogger(accelerator, output_dir / "metrics.jsonl", total_steps, step,
-                             resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
-    guard = DivergenceGuard(accelerator, output_dir)
-    loss_value = float("nan")
-    batches = data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
-    while step < total_steps:
+
+def _loop(run: _Run, resume: ResumePoint, actions: list["_AfterStep"]) -> int:
+    """Train from ``resume`` to the last step, running each action after the optimizer steps it is due at."""
+    step, accelerator = resume.step, run.accelerator
+    batches = run.data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
+    while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
-        batch = views_to_device(batch, accelerator.device, args.channels_last)
-        output = training_step(accelerator, model, optimizer, batch, args.max_grad_norm)
-        guard.observe(output.loss, step + 1)
-        metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
+        batch = views_to_device(batch, accelerator.device, run.args.channels_last)
+        output = training_step(accelerator, run.model, run.optimizer, batch, run.args.max_grad_norm)
+        run.guard.observe(output.loss, step + 1)
+        run.metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
-        scheduler.step()
+        run.scheduler.step()
         step += 1
-        momentum = ema_step(unwrapped, step / total_steps)
-        metrics.advance()
+        momentum = ema_step(run.unwrapped, step / run.schedule.total_steps)
+        run.metrics.advance()
+        done = _StepDone(step, epoch, batch_index, output, momentum)
+        for action in actions:
+            if action.due(step):
+                action(done)
+    run.metrics.close()
+    return step
 
-        checkpoint_due = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and step < total_steps
-        saving = checkpoint_due or step == total_steps
-        if saving or step % args.logging_steps == 0:  # nothing non-finite is logged as normal, or saved
-            guard.check(step, [*model.parameters(), *model.buffers()] if saving else None)
-        if step % args.logging_steps == 0 or step == total_steps:
-            loss_value = accelerator.reduce(output.loss.detach(), reduction="mean").item()
-            record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                      "momentum": momentum, "skipped_images": _sum_over_processes(accelerator, data.skipped_images)}
-            if output.local_loss is not None:
-                record.update(global_loss=output.global_loss.item(), local_loss=output.local_loss.item())
-            if len(output.level_losses) > 1 or output.dense_loss is not None:
-                record.update({f"level_loss/{level}": value.item() for level, value in output.level_losses.items()})
-            if output.dense_loss is not None:
-                record["dense_loss"] = output.dense_loss.item()
-            metrics.log(record)
-        if monitor is not None and step % args.variance_steps == 0:
-            metrics.log({"step": step, **monitor.measure(unwrapped).as_dict()})
-        if online_knn is not None and (step % args.eval_steps == 0 or step == total_steps):
-            with metrics.paused():  # the run's `seconds` count training only
-                if accelerator.is_main_process:
-                    metrics.log({"step": step, "knn_top1": online_knn.measure(unwrapped.siamese)})
-                accelerator.wait_for_everyone()
-        if checkpoint_due:
-            checkpoint = save_checkpoint(accelerator, output_dir,
-                                         ResumePoint(step, epoch, batch_index + 1, metrics.elapsed), scheduler,
-                                         args.checkpoints_total_limit)
-            if args.push_checkpoints and accelerator.is_main_process:
-                _push_checkpoint(args, output_dir, checkpoint, step)
-    metrics.close()
 
-    total_skipped = _sum_over_processes(accelerator, data.skipped_images)
-    state_dict = _float32_state_dict(accelerator, model, unwrapped)
+class _AfterStep:
+    """An action after an optimizer step, due every ``every`` steps (never when 0) and, with ``at_end``, at the
+    last step."""
+
+    at_end = False
+
+    def __init__(self, run: _Run, every: int):
+        self.run, self.every = run, every
+
+    def due(self, step: int) -> bool:
+        return (bool(self.every) and step % self.every == 0) or (self.at_end and step == self.run.schedule.total_steps)
+
+    def __call__(self, done: _StepDone) -> None:
+        raise NotImplementedError
+
+
+class _SaveCheckpoint(_AfterStep):
+    """A checkpoint every `checkpointing_steps` (the last step saves the model instead), pushed if asked."""
+
+    def __init__(self, run: _Run):
+        super().__init__(run, run.args.checkpointing_steps)
+
+    def due(self, step: int) -> bool:
+        return super().due(step) and step < self.run.schedule.total_steps
+
+    def __call__(self, done: _StepDone) -> None:
+        run = self.run
+        point = ResumePoint(done.step, done.epoch, done.batch_index + 1, run.metrics.elapsed)
+        checkpoint = save_checkpoint(run.accelerator, run.output_dir, point, run.scheduler,
+                                     run.args.checkpoints_total_limit)
+        if run.args.push_checkpoints and run.accelerator.is_main_process:
+            _push_checkpoint(run.args, run.output_dir, checkpoint, done.step)
+
+
+class _LogMetrics(_AfterStep):
+    """The step's loss (mean over processes), lr, momentum, skipped images and per-term losses."""
+
+    at_end = True
+
+    def __init__(self, run: _Run):
+        super().__init__(run, run.args.logging_steps)
+        self.loss = float("nan")
+
+    def __call__(self, done: _StepDone) -> None:
+        run, output = self.run, done.output
+        self.loss = run.accelerator.reduce(output.loss.detach(), reduction="mean").item()
+        record = {"step": done.step, "epoch": done.epoch, "loss": self.loss, "lr": run.scheduler.get_last_lr()[0],
+                  "momentum": done.momentum,
+                  "skipped_images": _sum_over_processes(run.accelerator, run.data.skipped_images)}
+        if output.local_loss is not None:
+            record.update(global_loss=output.global_loss.item(), local_loss=output.local_loss.item())
+        if len(output.level_losses) > 1 or output.dense_loss is not None:
+            record.update({f"level_loss/{level}": value.item() for level, value in output.level_losses.items()})
+        if output.dense_loss is not None:
+            record["dense_loss"] = output.dense_loss.item()
+        run.metrics.log(record)
+
+
+class _CheckDivergence(_AfterStep):
+    """Before anything is logged or saved: no process saw a non-finite loss, and before a save, no weight is."""
+
+    def __init__(self, run: _Run):
+        super().__init__(run, run.args.logging_steps)
+        self.checkpoint = _SaveCheckpoint(run)
+
+    def due(self, step: int) -> bool:
+        return super().due(step) or self._saving(step)
+
+    def _saving(self, step: int) -> bool:
+        return self.checkpoint.due(step) or step == self.run.schedule.total_steps
+
+    def __call__(self, done: _StepDone) -> None:
+        model = self.run.model
+        self.run.guard.check(done.step, [*model.parameters(), *model.buffers()] if self._saving(done.step) else None)
+
+
+class _MeasureVariance(_AfterStep):
+    """The source/target variance (Wang et al. 2022) every `variance_steps`."""
+
+    def __init__(self, run: _Run, monitor: VarianceMonitor):
+        super().__init__(run, run.args.variance_steps)
+        self.monitor = monitor
+
+    def __call__(self, done: _StepDone) -> None:
+        self.run.metrics.log({"step": done.step, **self.monitor.measure(self.run.unwrapped).as_dict()})
+
+
+class _MeasureOnlineKNN(_AfterStep):
+    """Online kNN every `eval_steps` and at the end, on the main process, off the training clock."""
+
+    at_end = True
+
+    def __init__(self, run: _Run, knn: OnlineKNN | None):
+        super().__init__(run, run.args.eval_steps)
+        self.knn = knn  # None on the other processes, which wait
+
+    def __call__(self, done: _StepDone) -> None:
+        with self.run.metrics.paused():
+            if self.knn is not None:
+                self.run.metrics.log({"step": done.step, "knn_top1": self.knn.measure(self.run.unwrapped.siamese)})
+            self.run.accelerator.wait_for_everyone()
+
+
+def _observers(run: _Run) -> list[_AfterStep]:
+    """The measurements asked for: the variance monitor and the online kNN."""
+    args, observers = run.args, []
+    if args.variance_steps:
+        images = probe_images(run.raw, args.variance_probe_size, run.config.num_channels,
+                              run.data_args.image_column)
+        observers.append(_MeasureVariance(run, VarianceMonitor.from_view_transform(images, run.transform)))
+    if args.eval_steps:
+        observers.append(_MeasureOnlineKNN(run, _online_knn(args, run.data_args, run.accelerator)))
+    return observers
+
+
+def _finish(run: _Run, step: int, loss: float) -> TrainResult:
+    """Save the model with its processor, run record and card (and timm export); push it if asked."""
+    accelerator, args, output_dir = run.accelerator, run.args, run.output_dir
+    total_skipped = _sum_over_processes(accelerator, run.data.skipped_images)
+    state_dict = _float32_state_dict(accelerator, run.model, run.unwrapped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        save_image_processor(config, output_dir)
-        run = _training_run(args, data_args, accelerator, step, steps_per_epoch, learning_rate, warmup,
-                            metrics.elapsed, total_skipped)
+        run.unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        save_image_processor(run.config, output_dir)
+        record = _training_run(args, run.data_args, accelerator, step, run.schedule, run.metrics.elapsed, total_skipped)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            run["deepspeed"] = _deepspeed_settings(model)
-        (output_dir / TRAINING_RUN).write_text(json.dumps(run, indent=2))
+            record["deepspeed"] = _deepspeed_settings(run.model)
+        (output_dir / TRAINING_RUN).write_text(json.dumps(record, indent=2))
         write_model_card(output_dir, model_id=_hub_model_id(args, output_dir) if args.push_to_hub else None)
         if args.export_timm:
-            export_timm(unwrapped, args.export_timm)
+            export_timm(run.unwrapped, args.export_timm)
     accelerator.end_training()  # also ends the process group: no collective after this
     if total_skipped:
         logger.warning("Skipped %d undecodable images.", total_skipped)
     if args.push_to_hub and accelerator.is_main_process:
         _push_model(args, output_dir, step)
-    return TrainResult(str(output_dir), step, loss_value, total_skipped, metrics.elapsed)
+    return TrainResult(str(output_dir), step, loss, total_skipped, run.metrics.elapsed)
 
 
 def native_mixed_precision() -> str:
@@ -435,20 +596,20 @@ def _logged_step(line: str) -> float:
 
 
 def _training_run(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, steps: int,
-                  steps_per_epoch: int | None, learning_rate: float, warmup_steps: int, seconds: float,
-                  skipped_images: int) -> dict:
+                  schedule: _Schedule, seconds: float, skipped_images: int) -> dict:
     """What the run did, for the model card: written once, at the end, by the main process."""
     if torch.cuda.is_available():
         hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
     else:
         hardware = f"CPU ({os.cpu_count()} cores), {accelerator.num_processes} process(es)"
     return {
-        "steps": steps, "epochs": steps / steps_per_epoch if steps_per_epoch else None,
+        "steps": steps, "epochs": steps / schedule.steps_per_epoch if schedule.steps_per_epoch else None,
         "per_device_train_batch_size": args.per_device_train_batch_size, "processes": accelerator.num_processes,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
-        "optimizer": args.optimizer, "base_learning_rate": args.learning_rate, "learning_rate": learning_rate,
-        "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": warmup_steps,
+        "global_batch": schedule.global_batch,
+        "optimizer": args.optimizer, "base_learning_rate": args.learning_rate, "learning_rate": schedule.learning_rate,
+        "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_steps": schedule.warmup_steps,
         "mixed_precision": accelerator.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
         "dataset_name": data_args.dataset_name, "data": data_args.train_dir or data_args.data_files,
         "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
@@ -661,14 +822,6 @@ def _steps_from_epochs(args: PretrainingArguments, steps_per_epoch: int | None) 
     if steps_per_epoch is None:
         raise ValueError("The dataset's size is unknown (streaming): set `max_steps` instead of `num_train_epochs`.")
     return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-
-
-def _variance_monitor(args: PretrainingArguments, raw, transform: MultiViewTransform, config: SiameseConfig,
-                      image_column: str | None):
-    if not args.variance_steps:
-        return None
-    images = probe_images(raw, args.variance_probe_size, config.num_channels, image_column)
-    return VarianceMonitor.from_view_transform(images, transform)
 
 
 def _online_knn(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator) -> OnlineKNN | None:

@@ -50,3 +50,49 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def design_views(config: SiameseConfig, batch_size: int = 8, seed: int = 0):
+    """Source and target lists for ``config`` with its designs: global views (shared by both branches for a
+    symmetric loss), MultiCrop's local crops after them, MeanEnc's extra target views in each group."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def view(side: int) -> torch.Tensor:
+        return torch.randn(batch_size, config.num_channels, side, side, generator=generator)
+
+    groups = config.num_target_groups
+    globals_ = [view(config.image_size) for _ in range(groups)]
+    locals_ = [view(config.multicrop_local_size) for _ in range(config.multicrop_num_local)] if config.multicrop else []
+    firsts = globals_ if config.symmetric_loss else [view(config.image_size)]
+    views_per_group = config.mean_encoding_views if config.mean_encoding else 1
+    target = [v for first in firsts for v in [first, *(view(config.image_size) for _ in range(views_per_group - 1))]]
+    return [*globals_, *locals_], target
+
+
+def batched_against_separate(framework: str, source, target, seed: int = 0, **overrides) -> dict[str, float]:
+    """Largest differences between one training forward and backward with ``batch_views`` and one with a forward
+    per view, from the same weights and inputs: in the loss, the gradients and the buffers (BatchNorm running
+    statistics, queues), each relative to the tensor's largest magnitude when above 1. Also
+    ``"gradients_missing"``: parameters with a gradient in one and not the other."""
+    from hf_siamese import SiameseForPreTraining
+
+    runs = []
+    for batch_views in (True, False):
+        torch.manual_seed(seed)
+        model = SiameseForPreTraining(tiny_config(framework, batch_views=batch_views, **overrides)).train()
+        torch.manual_seed(seed + 1)  # shuffling BN's permutation
+        output = model(source, target)
+        output.loss.backward()
+        gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        runs.append((output.loss.detach(), gradients, dict(model.named_buffers())))
+    (loss, gradients, buffers), (loss_1, gradients_1, buffers_1) = runs
+
+    def difference(first: torch.Tensor, second: torch.Tensor) -> float:
+        first, second = first.double(), second.double()
+        return ((first - second).abs().max() / first.abs().max().clamp(min=1)).item()
+
+    def largest(first: dict, second: dict) -> float:
+        return max(difference(first[k], second[k]) for k in first.keys() & second.keys())
+
+    return {"loss": difference(loss, loss_1), "gradients": largest(gradients, gradients_1),
+            "gradients_missing": len(set(gradients) ^ set(gradients_1)), "buffers": largest(buffers, buffers_1)}

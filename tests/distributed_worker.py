@@ -8,7 +8,7 @@ import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import global_views, tiny_config  # noqa: E402
+from conftest import batched_against_separate, design_views, global_views, tiny_config  # noqa: E402
 from images import structured_images  # noqa: E402
 
 from hf_siamese import SiameseForPreTraining  # noqa: E402
@@ -72,6 +72,12 @@ def main(out: Path) -> None:
         source, target = global_views(config, batch_size=4, seed=10 * step + rank)
         batch = {"source_pixel_values": source, "target_pixel_values": target}
         report["asym_bn_ddp_losses"].append(training_step(accelerator, ddp, optimizer, batch).loss.item())
+
+    # Views batched in one forward equal a forward per view across processes too, MoCo's shuffling BN included.
+    overrides = {"shuffle_bn": True, "symmetric_loss": True, "multicrop": True, "multicrop_num_local": 2,
+                 "multicrop_local_size": 16}
+    source, target = design_views(tiny_config("moco", **overrides), batch_size=4, seed=rank)
+    report["batched_views_differences"] = batched_against_separate("moco", source, target, **overrides)
 
     # A channels-last tensor (a view batch under --channels_last) gathers to the same values, contiguous.
     local = (torch.arange(2 * 3 * 4 * 4.0).view(2, 3, 4, 4) + 1000 * rank).to(memory_format=torch.channels_last)

@@ -47,14 +47,17 @@ def test_multicrop_loss_is_global_plus_mean_of_local_terms(framework):
     assert torch.allclose(output.loss, expected_global + expected_local, atol=1e-6)
 
 
-def test_local_crops_share_one_forward_pass_and_global_views_do_not():
-    config = tiny_config("byol", multicrop=True, multicrop_local_size=16, multicrop_num_local=4)
+@pytest.mark.parametrize("batch_views", [True, False])
+def test_views_of_one_size_share_a_forward_pass_unless_asked_not_to(batch_views):
+    config = tiny_config("byol", multicrop=True, multicrop_local_size=16, multicrop_num_local=4, batch_views=batch_views)
     model = SiameseForPreTraining(config).train()
     calls = []
     model.siamese.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
     model(**batch_for(config, count=4))
-    source_calls = calls[:3]
-    assert source_calls == [(4, 3, 32, 32), (4, 3, 32, 32), (16, 3, 16, 16)]
+    if batch_views:
+        assert calls == [(8, 3, 32, 32), (16, 3, 16, 16)]  # the source encoder; the target is another module
+    else:
+        assert calls == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
 
 
 def test_vit_takes_multicrop_local_crops():

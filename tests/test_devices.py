@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_training import common_args, parquet_files, run  # noqa: F401 (fixture)
 
 from hf_siamese import SiameseForPreTraining
-from hf_siamese.batchnorm import GhostBatchNorm1d, TargetSyncBatchNorm1d, convert_sync_batchnorm
+from hf_siamese.batchnorm import GhostBatchNorm1d, TargetSyncBatchNorm1d, ViewSyncBatchNorm, convert_sync_batchnorm
 from hf_siamese.checkpointing import UnsafeCheckpointError, verify_checkpoint_files
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.losses import BatchInfoNCELoss, QueueInfoNCELoss
@@ -72,8 +72,8 @@ def test_sync_bn_converts_plain_batch_norms_and_keeps_asym_bn():
     for name, kind in kinds.items():
         if kind in (GhostBatchNorm1d, TargetSyncBatchNorm1d):
             assert type(converted[name]) is kind, name
-        else:
-            assert type(converted[name]) is torch.nn.SyncBatchNorm, name
+        else:  # still per view (batch_views)
+            assert type(converted[name]) is ViewSyncBatchNorm, name
     assert all(converted[n].process_group is group for n, k in kinds.items() if k is TargetSyncBatchNorm1d)
     assert {name: tensor.data_ptr() for name, tensor in model.state_dict().items()} == tensors
 

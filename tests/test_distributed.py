@@ -65,6 +65,11 @@ def test_ddp_does_not_broadcast_the_queues(reports):
         assert not [name for name in synced if name.startswith("queue")]
 
 
+def test_batched_views_equal_a_forward_per_view_with_shuffling_bn(reports):
+    for report in reports:
+        assert max(report["batched_views_differences"].values()) < 1e-5, report["batched_views_differences"]
+
+
 def test_a_channels_last_tensor_gathers_to_its_values(reports):
     assert all(report["channels_last_gather_equal"] for report in reports)
 

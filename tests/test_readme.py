@@ -15,3 +15,9 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 512])" in result.stdout
     assert (tmp_path / "byol-r18" / "model.safetensors").exists()
+
+
+def test_readme_cites_what_the_model_card_cites():
+    from hf_siamese.hub import CITATIONS
+
+    assert CITATIONS in README.read_text()  # one source for both

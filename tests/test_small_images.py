@@ -158,3 +158,8 @@ def test_the_bench_table_states_each_runs_budget_and_thins_its_curve(tmp_path):
     assert row == ("| small_moco | test | - | 1600 | 6.83 | 30.5 | 224.0 | 7.6: 72.0, 15.2: 74.0, 22.8: 76.0, "
                    "30.4: 78.0 | 85.12 | 82.34 | 87.01 |")
     assert bench._curve_by_minute([[100, 60, 0.5], [200, 120, 0.6], [300, 180, 0.7]], points=2) == "2.0: 60.0, 3.0: 70.0"
+    # The README's table: test-set runs with a probe only, validation runs and proxies left out.
+    validation = {**record, "split": "validation", "run": "small_byol"}
+    proxy = {**record, "probe": False, "run": "small_simsiam"}
+    results.write_text("".join(json.dumps(r) + "\n" for r in (record, validation, proxy)))
+    assert bench.results_table(results).splitlines()[2:] == ["| moco | 1600 | 6.83 | 30.5 | 224.0 | 85.12 | 82.34 | 87.01 |"]
