@@ -527,50 +527,13 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 it; required by the Ladder's dense term (`ladder_dense_weight > 0`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.config.ladder_dense_weight and (source_geometry is None or target_geometry is None):
-            raise ValueError(
-                "`source_geometry` and `target_geometry` are required when `ladder_dense_weight` > 0 (the dense "
-                "term matches cells by crop geometry); build the views with MultiViewTransform.from_config."
-            )
-        num_groups = self.config.num_target_groups
-        if len(source_pixel_values) < num_groups:
-            raise ValueError(
-                f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
-                f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
-            )
-        if not target_pixel_values or len(target_pixel_values) % num_groups:
-            raise ValueError(
-                f"`target_pixel_values` must hold {num_groups} group(s) of equal size, got {len(target_pixel_values)} views."
-            )
-        views_per_group = len(target_pixel_values) // num_groups
-        target_groups = [
-            target_pixel_values[group * views_per_group : (group + 1) * views_per_group] for group in range(num_groups)
-        ]
+        target_groups = self._target_groups(source_pixel_values, target_pixel_values, source_geometry, target_geometry)
+        views_per_group = len(target_groups[0])
+        source = self._project_source_views(source_pixel_values, num_global=len(target_groups))
+        targets = self._target_embeddings(target_groups, source_pixel_values, source)
 
-        source = self._project_source_views(source_pixel_values, num_global=num_groups)
-        reused = [self._reused_source_projections(group, source_pixel_values, source) for group in target_groups]
-        to_encode = [group for group, embeddings in zip(target_groups, reused) if embeddings is None]
-        encoded = iter(self._target_mean_projections(to_encode) if to_encode else [])
-        targets = {}
-        for embeddings in reused:
-            if embeddings is None:
-                embeddings = {k: F.normalize(p, dim=-1) for k, p in next(encoded).items()}
-            for key, embedding in embeddings.items():
-                targets.setdefault(key, []).append(embedding)
-
-        level_losses, global_loss, local_loss, dense_loss = {}, 0.0, None, None
-        for level, weight in zip(self.levels, self.level_weights):
-            negatives = self._queue_snapshot(level) if self.config.queue_size else None
-            level_global, level_local = self._level_terms(source[level][1], targets[level], negatives)
-            level_losses[level] = level_global if level_local is None else level_global + level_local
-            global_loss = global_loss + weight * level_global
-            if level_local is not None:
-                local_loss = weight * level_local if local_loss is None else local_loss + weight * level_local
-            if self.config.ladder_dense_weight:
-                level_dense = self._dense_term(source["cells", level][1], targets["cells", level],
-                                               source_geometry, target_geometry[::views_per_group])
-                level_losses[level] = level_losses[level] + self.config.ladder_dense_weight * level_dense
-                dense_loss = weight * level_dense if dense_loss is None else dense_loss + weight * level_dense
+        level_losses, global_loss, local_loss, dense_loss = self._weighted_level_losses(
+            source, targets, source_geometry, None if target_geometry is None else target_geometry[::views_per_group])
         loss = global_loss if local_loss is None else global_loss + local_loss
         if dense_loss is not None:
             loss = loss + self.config.ladder_dense_weight * dense_loss
@@ -590,6 +553,58 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             target_embeddings=tuple(targets[last]),
         )
         return output if return_dict else output.to_tuple()
+
+    def _target_groups(self, source_pixel_values, target_pixel_values, source_geometry, target_geometry) -> list:
+        """The target views cut into the framework's groups, after checking that the inputs fit the config."""
+        if self.config.ladder_dense_weight and (source_geometry is None or target_geometry is None):
+            raise ValueError(
+                "`source_geometry` and `target_geometry` are required when `ladder_dense_weight` > 0 (the dense "
+                "term matches cells by crop geometry); build the views with MultiViewTransform.from_config."
+            )
+        num_groups = self.config.num_target_groups
+        if len(source_pixel_values) < num_groups:
+            raise ValueError(
+                f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
+                f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
+            )
+        if not target_pixel_values or len(target_pixel_values) % num_groups:
+            raise ValueError(
+                f"`target_pixel_values` must hold {num_groups} group(s) of equal size, got {len(target_pixel_values)} views."
+            )
+        views_per_group = len(target_pixel_values) // num_groups
+        return [target_pixel_values[group * views_per_group : (group + 1) * views_per_group]
+                for group in range(num_groups)]
+
+    def _target_embeddings(self, target_groups: list, source_pixel_values: list, source: dict) -> dict:
+        """Per level (and dense level), each group's normalised target: SimSiam's reused source projection where
+        the view is a source view, else the target branch's (mean) projection."""
+        reused = [self._reused_source_projections(group, source_pixel_values, source) for group in target_groups]
+        to_encode = [group for group, embeddings in zip(target_groups, reused) if embeddings is None]
+        encoded = iter(self._target_mean_projections(to_encode) if to_encode else [])
+        targets = {}
+        for embeddings in reused:
+            if embeddings is None:
+                embeddings = {k: F.normalize(p, dim=-1) for k, p in next(encoded).items()}
+            for key, embedding in embeddings.items():
+                targets.setdefault(key, []).append(embedding)
+        return targets
+
+    def _weighted_level_losses(self, source: dict, targets: dict, source_geometry, group_geometry) -> tuple:
+        """Per level, its loss; over levels (weighted), the global, local (MultiCrop) and dense terms."""
+        level_losses, global_loss, local_loss, dense_loss = {}, 0.0, None, None
+        for level, weight in zip(self.levels, self.level_weights):
+            negatives = self._queue_snapshot(level) if self.config.queue_size else None
+            level_global, level_local = self._level_terms(source[level][1], targets[level], negatives)
+            level_losses[level] = level_global if level_local is None else level_global + level_local
+            global_loss = global_loss + weight * level_global
+            if level_local is not None:
+                local_loss = weight * level_local if local_loss is None else local_loss + weight * level_local
+            if self.config.ladder_dense_weight:
+                level_dense = self._dense_term(source["cells", level][1], targets["cells", level],
+                                               source_geometry, group_geometry)
+                level_losses[level] = level_losses[level] + self.config.ladder_dense_weight * level_dense
+                dense_loss = weight * level_dense if dense_loss is None else dense_loss + weight * level_dense
+        return level_losses, global_loss, local_loss, dense_loss
 
     def _dense_term(self, cell_predictions, cell_targets, source_geometry, target_geometry) -> torch.Tensor:
         """Matched-cell loss between each global source view and the first view of its target group."""
