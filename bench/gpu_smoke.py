@@ -168,31 +168,22 @@ def random_geometry(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def views_with_geometry(config: SiameseConfig, batch: int, seed: int = 0) -> dict[str, list[torch.Tensor]]:
-    """``make_views``' random views, plus crop geometries when the dense term needs them (a target view that is
-    a source view, shared as in ``collate_views``, shares its geometry too)."""
+    """``make_views``' random views, plus crop geometries when the dense term needs them."""
     views = make_views(config, batch, seed)
     if config.ladder_dense_weight:
         generator = torch.Generator().manual_seed(seed + 1)
         source = views["source_pixel_values"]
         views["source_geometry"] = [random_geometry(batch, generator) for _ in source]
-        shared = {id(view): geometry for view, geometry in zip(source, views["source_geometry"])}
-        views["target_geometry"] = [shared[id(view)] if id(view) in shared else random_geometry(batch, generator)
-                                    for view in views["target_pixel_values"]]
+        if "target_pixel_values" in views:
+            views["target_geometry"] = [random_geometry(batch, generator) for _ in views["target_pixel_values"]]
     return views
 
 
 def pinned(views: dict[str, list[torch.Tensor]], device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """The views in page-locked memory, as a DataLoader with ``pin_memory`` gives them (shared views stay shared)."""
+    """The views in page-locked memory, as a DataLoader with ``pin_memory`` gives them."""
     if device.type != "cuda":
         return views
-    pins: dict[int, torch.Tensor] = {}
-
-    def pin(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in pins:
-            pins[id(tensor)] = tensor.pin_memory()
-        return pins[id(tensor)]
-
-    return {key: [pin(view) for view in value] for key, value in views.items()}
+    return {key: [view.pin_memory() for view in value] for key, value in views.items()}
 
 
 def fresh_accelerator(device: torch.device, mixed_precision: str = "no", dynamo_backend: str | None = None):
@@ -208,7 +199,7 @@ def fresh_accelerator(device: torch.device, mixed_precision: str = "no", dynamo_
 
 def queue_pointers(model: SiameseForPreTraining) -> dict[int, int]:
     """Each loss level's MoCo queue pointer, read on the host."""
-    return {level: int(getattr(model, model._queue_names(level)[1])) for level in model.levels}
+    return {level: int(model.level_heads(level).queue_ptr) for level in model.levels}
 
 
 def ema_pairs(model: SiameseForPreTraining) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -397,7 +388,8 @@ def finished_run(output_dir: Path) -> dict:
         summary["saved_dtypes"] = {
             prefix: sorted({str(t.dtype).removeprefix("torch.") for name, t in weights.items()
                             if name.startswith(prefix) and t.is_floating_point()})
-            for prefix in ("siamese.", "projector.", "target_encoder.", "target_projector.", "queue")
+            for prefix in ("siamese.", "heads.4.projector.", "target_encoder.", "heads.4.target_projector.",
+                           "heads.4.queue")
         }
     return summary
 

@@ -72,8 +72,7 @@ def run_case(device: torch.device, scale: Scale, sync_bn: bool) -> dict:
     expected_pointer = scale.steps * keys_per_step % config.queue_size
     queues = {}
     for level in model.levels:
-        queue_name, pointer_name = model._queue_names(level)
-        queue, pointer = getattr(model, queue_name), getattr(model, pointer_name)
+        queue, pointer = model.level_heads(level).queue, model.level_heads(level).queue_ptr
         all_queues, all_pointers = gathered(queue), gathered(pointer.view(1))
         queues[str(level)] = {
             "queue_equal": all(torch.equal(all_queues[0], other) for other in all_queues[1:]),

@@ -93,8 +93,8 @@ def all_cases() -> list[Case]:
 
 
 def make_views(config: SiameseConfig, batch: int, seed: int = 0) -> dict[str, list[torch.Tensor]]:
-    """Random views shaped like ``collate_views``' batch: symmetric frameworks share the global views between
-    the branches (same tensor objects), MoCo's target view is its own; local crops go to the source only."""
+    """Random views shaped like ``collate_views``' batch: symmetric frameworks give their global views to both
+    branches (no target list), MoCo's target view is its own; local crops go to the source only."""
     generator = torch.Generator().manual_seed(seed)
     size, channels = config.image_size, config.num_channels
 
@@ -103,8 +103,10 @@ def make_views(config: SiameseConfig, batch: int, seed: int = 0) -> dict[str, li
 
     globals_ = [view(size) for _ in range(config.num_target_groups)]
     locals_ = [view(config.multicrop_local_size) for _ in range(config.multicrop_num_local)] if config.multicrop else []
-    target = globals_ if config.symmetric_loss else [view(size)]
-    return {"source_pixel_values": [*globals_, *locals_], "target_pixel_values": target}
+    views = {"source_pixel_values": [*globals_, *locals_]}
+    if not config.symmetric_loss:
+        views["target_pixel_values"] = [view(size)]
+    return views
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,7 +329,7 @@ class ReferenceStep(nn.Module):
     def loss(self, views: dict) -> torch.Tensor:
         groups = self.config.num_target_groups
         source = self.source(views["source_pixel_values"], groups)
-        targets = self.targets(views["target_pixel_values"], source)
+        targets = self.targets(views.get("target_pixel_values", views["source_pixel_values"][:groups]), source)
         reduce = torch.mean if self.config.framework == "simsiam" else torch.sum
         total = 0.0
         for level, loss in zip(self.levels, self.losses):
@@ -365,12 +367,12 @@ class ReferenceStep(nn.Module):
         """Take ``ours``' weights (and queue): the same starting point, so the first losses must agree."""
         pairs = [(self.backbone, ours.siamese.backbone)]
         for level in self.levels:
-            projector, predictor, target_projector = ours._level_heads(level)
-            pairs.append((self.projectors[str(level)], projector))
+            heads = ours.level_heads(level)
+            pairs.append((self.projectors[str(level)], heads.projector))
             if self.predictors:
-                pairs.append((self.predictors[str(level)], predictor))
+                pairs.append((self.predictors[str(level)], heads.predictor))
             if self.momentum_target:
-                pairs.append((self.target_projectors[str(level)], target_projector))
+                pairs.append((self.target_projectors[str(level)], heads.target_projector))
         if self.momentum_target:
             pairs.append((self.target_backbone, ours.target_encoder.backbone))
         for mine, theirs in pairs:
@@ -378,7 +380,7 @@ class ReferenceStep(nn.Module):
                 a.copy_(b)
         if self.config.queue_size:
             for level, loss in zip(self.levels, self.losses):
-                loss.set_negatives(getattr(ours, ours._queue_names(level)[0]))
+                loss.set_negatives(ours.level_heads(level).queue)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,15 @@ Every field of :class:`SiameseConfig` (the model), :class:`DataArguments` and :c
 be set in the recipe or on the command line; an unknown key is an error that names it and the file. With
 ``--model_name_or_path`` the model fields start from the checkpoint's ``config.json``, and the recipe and the
 command line override them, as in the transformers examples.
+
+Recipes compose with overrides: a command-line ``--framework`` other than the recipe's drops the recipe's values
+of the fields that define a framework's loss and target (:data:`FRAMEWORK_FIELDS`), which then take the new
+framework's defaults, while widths, views and optimizer settings stay; a different ``--num_channels`` drops the
+recipe's per-channel ``image_mean`` / ``image_std``. Each drop is logged.
 """
 
 import argparse
+import logging
 import types
 import typing
 from pathlib import Path
@@ -19,11 +25,18 @@ from .configuration_siamese import SiameseConfig
 from .data import DataArguments
 from .training import PretrainingArguments
 
+logger = logging.getLogger(__name__)
+
 # The model's own fields (not PreTrainedConfig's generic ones): what a recipe may set about the model.
 MODEL_FIELDS = tuple(name for name in SiameseConfig.__annotations__ if not name.startswith("_"))
 ARGUMENT_TYPES = {name: annotation for cls in (DataArguments, PretrainingArguments)
                   for name, annotation in typing.get_type_hints(cls).items()}
 ARGUMENT_FIELDS = frozenset(ARGUMENT_TYPES)
+# What a framework's loss and target are made of; widths, views and optimizer settings are choices of scale and data.
+FRAMEWORK_FIELDS = ("projector_num_layers", "predictor_num_layers", "queue_size", "temperature", "momentum",
+                    "momentum_final", "symmetric_loss", "shuffle_bn")
+# Recipe fields chosen for the value of another field: dropped when the command line changes that field.
+DEPENDENT_FIELDS = {"framework": FRAMEWORK_FIELDS, "num_channels": ("image_mean", "image_std")}
 
 
 def pretraining_parser() -> HfArgumentParser:
@@ -50,8 +63,8 @@ def parse_pretraining_args(argv: list[str] | None = None) -> tuple[SiameseConfig
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     data_args, train_args = outputs[:2]
     namespace = outputs[2] if len(outputs) > 2 else argparse.Namespace()
-    model_fields = {k: v for k, v in recipe.items() if k in MODEL_FIELDS}
-    model_fields.update({k: getattr(namespace, k) for k in MODEL_FIELDS if hasattr(namespace, k)})
+    overrides = {k: getattr(namespace, k) for k in MODEL_FIELDS if hasattr(namespace, k)}
+    model_fields = {**_recipe_fields_kept(recipe, overrides, known.config), **overrides}
     if train_args.model_name_or_path:  # continued pretraining: the checkpoint's model, with explicit overrides
         model_fields = {**checkpoint_model_fields(train_args.model_name_or_path), **model_fields}
     try:
@@ -60,6 +73,22 @@ def parse_pretraining_args(argv: list[str] | None = None) -> tuple[SiameseConfig
         where = f" (recipe {known.config})" if known.config else ""
         raise ValueError(f"Invalid model field{where}: {' '.join(str(error).split())}") from error
     return config, data_args, train_args
+
+
+def _recipe_fields_kept(recipe: dict, overrides: dict, path: Path | None) -> dict:
+    """The recipe's model fields, without those it chose for a value that ``overrides`` changes."""
+    fields = {k: v for k, v in recipe.items() if k in MODEL_FIELDS}
+    dropped = []
+    for field, dependents in DEPENDENT_FIELDS.items():
+        recipe_value = fields.get(field, SiameseConfig.__dataclass_fields__[field].default)
+        if field in overrides and overrides[field] != recipe_value:
+            changed = [name for name in dependents if name in fields and name not in overrides]
+            dropped += changed
+            if changed:
+                logger.warning("--%s %s overrides recipe %s's %r: its %s take the new value's defaults (set them on "
+                               "the command line to choose).", field, overrides[field], path, recipe_value,
+                               ", ".join(changed))
+    return {k: v for k, v in fields.items() if k not in dropped}
 
 
 def checkpoint_model_fields(model_name_or_path: str) -> dict:

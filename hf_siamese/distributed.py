@@ -1,5 +1,7 @@
 """The two collective operations Siamese losses need, a no-op on a single process."""
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -31,7 +33,7 @@ def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
 def batch_shuffled(function, inputs: torch.Tensor) -> torch.Tensor:
     """``function`` applied to a random permutation of the global batch, outputs back in ``inputs``' order.
 
-    ``function`` returns a tensor or a dict of tensors (one per ladder level).
+    ``function`` returns a tensor, or a dict or dataclass of them (one per ladder level).
 
     MoCo's shuffling BN (He et al. 2020, Sec. 3.3): each process encodes keys drawn from every process, so the
     BatchNorm statistics of a key encoder's sub-batch cannot reveal which key belongs to which query. For the
@@ -50,7 +52,16 @@ def batch_shuffled(function, inputs: torch.Tensor) -> torch.Tensor:
             restored = gather_without_grad(output)[inverse]
             return restored.view(world_size(), len(inputs), *restored.shape[1:])[rank()]
 
-        outputs = function(everything[own])
-        if isinstance(outputs, dict):  # one tensor per ladder level
-            return {key: restore(value) for key, value in outputs.items()}
-        return restore(outputs)
+        return _map_tensors(function(everything[own]), restore)
+
+
+def _map_tensors(value, function):
+    """``function`` applied to every tensor of a tensor or of nested dicts and dataclasses (``None`` stays)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, function) for key, item in value.items()}
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{field.name: _map_tensors(getattr(value, field.name), function)
+                                             for field in dataclasses.fields(value)})
+    return value

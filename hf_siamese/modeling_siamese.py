@@ -10,6 +10,7 @@ it next to the weights and ``AutoModel.from_pretrained(path, trust_remote_code=T
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,8 @@ from .batchnorm import (
 )
 from .configuration_siamese import SiameseConfig
 from .dense import dense_cosine_loss, grid_side, matched_cells
-from .distributed import batch_shuffled, gather_without_grad
-from .heads import ProjectionHead, build_predictor, build_projector
+from .distributed import batch_shuffled
+from .levels import LevelFeatures, LevelHeads, SourceOutput, Target
 from .losses import build_loss
 
 
@@ -80,7 +81,8 @@ class SiamesePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SiameseModel"]
     # Pretraining-only weights: absent from the encoder and the classifier, and not an error when loading them.
     _keys_to_ignore_on_load_unexpected = [
-        r"^projector\.", r"^predictor\.", r"^ladder_", r"^dense_", r"^target_", r"^queue"
+        r"^heads\.", r"^target_",
+        r"^projector\.", r"^predictor\.", r"^ladder_", r"^dense_", r"^queue",  # the layout of one attribute per head kind
     ]
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
@@ -195,12 +197,12 @@ class SiameseModel(SiamesePreTrainedModel):
 
 
 class SiameseForPreTraining(SiamesePreTrainedModel):
-    """Source encoder + projector + predictor, the target branch, and MoCo's queue.
+    """Source encoder, the target encoder, and per loss level its heads and MoCo queue.
 
     ``self.siamese`` is the source encoder, so ``AutoModel.from_pretrained`` on a pretraining checkpoint returns
-    it with its trained weights. ``target_encoder``/``target_projector`` are EMA copies (``None`` for SimSiam).
-    With ``ladder_levels`` (Ladder Siamese Network, Yoshihashi et al. 2022) every listed backbone level has its
-    own projector, predictor, target projector (and queue); the last level's are the ordinary ones.
+    it with its trained weights. ``target_encoder`` is its EMA copy (``None`` for SimSiam). ``heads[str(level)]``
+    holds a loss level's heads and queue: one level normally, one per listed backbone level with ``ladder_levels``
+    (Ladder Siamese Network, Yoshihashi et al. 2022), the last level's being the ordinary ones.
     """
 
     main_input_name = "source_pixel_values"
@@ -211,84 +213,75 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         self.siamese = SiameseModel(config)
         self.levels = _resolve_ladder_levels(config, len(self.siamese.stage_indices))
         self.level_weights = list(config.ladder_weights or [1.0] * len(self.levels))
-        widths = {level: self.siamese.stage_widths[level - 1] for level in self.levels[:-1]}
-        self.projector = build_projector(config, self.siamese.num_features)
-        self.predictor = build_predictor(config)
-        self.ladder_projectors = nn.ModuleDict({str(l): build_projector(config, w) for l, w in widths.items()})
-        self.ladder_predictors = nn.ModuleDict(
-            {str(l): build_predictor(config) for l in widths} if self.predictor is not None else {}
-        )
-        # Dense term: a 1x1-conv MLP per level, i.e. the level's MLP applied to every cell.
-        dense_widths = {**widths, self.levels[-1]: self.siamese.stage_widths[-1]} if config.ladder_dense_weight else {}
-        self.dense_projectors = nn.ModuleDict({str(l): build_projector(config, w) for l, w in dense_widths.items()})
-        self.dense_predictors = nn.ModuleDict(
-            {str(l): build_predictor(config) for l in dense_widths} if self.predictor is not None else {}
-        )
-        self.target_encoder = None
-        self.target_projector = None
-        self.target_ladder_projectors = nn.ModuleDict()
-        self.target_dense_projectors = nn.ModuleDict()
-        if config.uses_momentum_target:
-            self.target_encoder = SiameseModel(config)
-            self.target_projector = build_projector(config, self.siamese.num_features)
-            self.target_ladder_projectors = nn.ModuleDict(
-                {str(l): build_projector(config, w) for l, w in widths.items()}
-            )
-            self.target_dense_projectors = nn.ModuleDict(
-                {str(l): build_projector(config, w) for l, w in dense_widths.items()}
-            )
+        self.heads = nn.ModuleDict({
+            str(level): LevelHeads(config, self._pooled_width(level), self.siamese.stage_widths[level - 1])
+            for level in self.levels
+        })
+        self.target_encoder = SiameseModel(config) if config.uses_momentum_target else None
         if config.asym_bn:
             # AsymBN: target projector BN over a larger (synchronised) batch than the source's ghost batches.
             group = asym_bn_process_group(config.asym_bn_group_size)
-            for source, target in [(self.projector, self.target_projector),
-                                   (self.ladder_projectors, self.target_ladder_projectors)]:
-                replace_batch_norms(source, make_ghost(config.asym_bn_source_batch))
-                replace_batch_norms(target, make_target_sync(group))
+            for heads in self.heads.values():
+                replace_batch_norms(heads.projector, make_ghost(config.asym_bn_source_batch))
+                replace_batch_norms(heads.target_projector, make_target_sync(group))
         # Every other BatchNorm tells apart the views sharing a forward pass (batch_views).
         replace_batch_norms(self, make_per_view, kinds=(nn.BatchNorm1d, nn.BatchNorm2d))
         for target in self.target_modules():  # after AsymBN's swap, whose new layers start trainable
             target.requires_grad_(False)
-        if config.queue_size:
-            for level in self.levels:
-                queue_name, pointer_name = self._queue_names(level)
-                self.register_buffer(queue_name, torch.empty(config.queue_size, config.projector_dim))
-                self.register_buffer(pointer_name, torch.zeros((), dtype=torch.long))
         self.criterion = build_loss(config)
-        self._queue_snapshots: dict[int, torch.Tensor] = {}  # see _queue_snapshot
+        self.loaded_legacy_layout = False
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
         self.post_init()
 
-    def _queue_names(self, level: int) -> tuple[str, str]:
-        """MoCo's queue of a level: ``queue``/``queue_ptr`` for the last level, one pair per other level."""
-        if level == self.levels[-1]:
-            return "queue", "queue_ptr"
-        return f"queue_level{level}", f"queue_ptr_level{level}"
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' ``from_pretrained``; also reads checkpoints written with one attribute per head kind
+        (``projector``, ``ladder_projectors``, ``queue_level2``, ...), and saves them in the per-level layout."""
+        config = kwargs.get("config")
+        if not isinstance(config, SiameseConfig):
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = SiameseConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        kwargs.setdefault("key_mapping", legacy_key_mapping(_last_level(config)))
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.loaded_legacy_layout = bool(getattr(model, "_weight_conversions", None))
+        model._weight_conversions = []  # transformers would save in the layout the weights were read from
+        return loaded
 
-    def _level_heads(self, level: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
-        """The (projector, predictor, target projector) of ``level``."""
-        if level == self.levels[-1]:
-            return self.projector, self.predictor, self.target_projector
-        key = str(level)
-        return (self.ladder_projectors[key], self.ladder_predictors[key] if key in self.ladder_predictors else None,
-                self.target_ladder_projectors[key] if key in self.target_ladder_projectors else None)
+    def _pooled_width(self, level: int) -> int:
+        return self.siamese.num_features if level == self.levels[-1] else self.siamese.stage_widths[level - 1]
+
+    def level_heads(self, level: int) -> LevelHeads:
+        return self.heads[str(level)]
 
     def _target_source_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each target module with the source module it follows."""
         if self.target_encoder is None:
             return []
-        return [(self.target_encoder, self.siamese), (self.target_projector, self.projector),
-                (self.target_ladder_projectors, self.ladder_projectors),
-                (self.target_dense_projectors, self.dense_projectors)]
+        return [(self.target_encoder, self.siamese), *(pair for heads in self.heads.values()
+                                                        for pair in heads.target_source_pairs())]
 
     def target_modules(self) -> list[nn.Module]:
         """The modules of the target branch (EMA copies; none for SimSiam)."""
         return [target for target, _ in self._target_source_pairs()]
+
+    def source_branch(self) -> tuple["SiameseModel", nn.Module]:
+        """The source encoder and its last-level projector."""
+        return self.siamese, self.level_heads(self.levels[-1]).projector
+
+    def target_branch(self) -> tuple["SiameseModel", nn.Module]:
+        """The encoder and last-level projector that make targets: the EMA copies, or SimSiam's source ones."""
+        heads = self.level_heads(self.levels[-1])
+        if self.target_encoder is None:
+            return self.siamese, heads.projector
+        return self.target_encoder, heads.target_projector
 
     def queue_buffer_names(self) -> list[str]:
         """Names of MoCo's queue buffers (queues and pointers of every level), identical on every process by
         construction: each enqueues the same gathered keys."""
         if not self.config.queue_size:
             return []
-        return [name for level in self.levels for name in self._queue_names(level)]
+        return [f"heads.{level}.{name}" for level in self.levels for name in ("queue", "queue_ptr")]
 
     def _init_target_and_queue(self) -> None:
         # Runs after every child is initialised or loaded: a target that was not in the checkpoint starts as a
@@ -298,13 +291,9 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             target_tensors = target.state_dict(keep_vars=True).values()
             for target_tensor, source_tensor in zip(target_tensors, source.state_dict().values()):
                 init.copy_(target_tensor, source_tensor)
-        if self.config.queue_size:
-            for level in self.levels:
-                queue_name, pointer_name = self._queue_names(level)
-                queue = getattr(self, queue_name)
-                if not getattr(queue, "_is_hf_initialized", False):
-                    queue.copy_(F.normalize(torch.randn_like(queue), dim=1))
-                    init.zeros_(getattr(self, pointer_name))
+        for heads in self.heads.values():
+            if heads.has_queue and not getattr(heads.queue, "_is_hf_initialized", False):
+                heads.reset_queue()
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
@@ -325,79 +314,93 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         start, final = self.config.momentum, self.config.momentum_final
         return final - (final - start) * (1 + math.cos(math.pi * progress)) / 2
 
-    @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor, level: int | None = None) -> None:
-        """Replace the oldest keys of a level's FIFO queue (the last level's by default) with ``keys`` gathered
-        from every process."""
-        queue_name, pointer_name = self._queue_names(level if level is not None else self.levels[-1])
-        queue, pointer = getattr(self, queue_name), getattr(self, pointer_name)
-        keys = gather_without_grad(keys)
-        queue_size = queue.shape[0]
-        if queue_size % len(keys):
-            raise ValueError(
-                f"`queue_size` ({queue_size}) must be a multiple of the number of keys enqueued per step "
-                f"({len(keys)} = global batch size x target groups)."
-            )
-        # Positions computed on the device: reading the pointer on the host would wait for the GPU every step.
-        positions = (pointer + torch.arange(len(keys), device=queue.device)) % queue_size
-        queue.index_copy_(0, positions, keys.to(queue.dtype))
-        pointer.copy_((pointer + len(keys)) % queue_size)
-
-    def _queue_snapshot(self, level: int) -> torch.Tensor:
-        """The level's queue as this step's loss sees it.
-
-        The queue is updated in place after the loss, and the loss's backward needs the keys it saw, so they are
-        copied into a tensor kept from step to step: a fresh clone costs about seven times as much (every page
-        of the new allocation faults in). Two forwards before one backward make autograd refuse loudly.
+    def forward(
+        self,
+        source_pixel_values: list[torch.Tensor],
+        target_pixel_values: list[torch.Tensor] | None = None,
+        source_geometry: list[torch.Tensor] | None = None,
+        target_geometry: list[torch.Tensor] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SiamesePreTrainingOutput | tuple:
+        r"""
+        Args:
+            source_pixel_values (`list[torch.Tensor]`):
+                Views for the source branch: the global views first (2 with a symmetric loss, else 1), then any
+                local crops. Each `[B, C, H, W]`; each has its own BatchNorm statistics, whether it shares a
+                forward pass with views of its size (`batch_views`) or not.
+            target_pixel_values (`list[torch.Tensor]`, *optional*):
+                Views for the target branch: one group per global source view (2 groups with a symmetric loss),
+                each of equal size (more than one view per group = MeanEnc). Global source view `d` is paired
+                with target group `1 - d` (symmetric) or group 0; local crops are paired with every group.
+                Omitted: each global source view is also its own target group, as in BYOL and SimSiam, and
+                SimSiam reuses its source projection as the target (Chen & He 2021, Alg. 1).
+            source_geometry, target_geometry (`list[torch.Tensor]`, *optional*):
+                Each view's crop geometry `[B, 5]` (top, left, height, width, flipped), as `collate_views` gives
+                it; required by the Ladder's dense term (`ladder_dense_weight > 0`).
         """
-        queue = getattr(self, self._queue_names(level)[0])
-        snapshot = self._queue_snapshots.get(level)
-        fits = snapshot is not None and (snapshot.shape, snapshot.device, snapshot.dtype) == (
-            queue.shape, queue.device, queue.dtype)
-        if not fits:
-            snapshot = self._queue_snapshots[level] = torch.empty_like(queue)
-        return snapshot.copy_(queue)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        groups, group_geometry = self._target_groups(
+            source_pixel_values, target_pixel_values, source_geometry, target_geometry)
+        source = self._project_source_views(source_pixel_values, num_global=len(groups))
+        if target_pixel_values is None and self.target_encoder is None:  # SimSiam: already encoded by the source
+            targets = {level: [view.as_target().normalized() for view in views[:len(groups)]]
+                       for level, views in source.items()}
+        else:
+            targets = self._encode_targets(groups)
+        losses = {level: self._level_loss(self.level_heads(level), source[level], targets[level], source_geometry,
+                                          group_geometry) for level in self.levels}
+        if self.config.queue_size and self.training:
+            for level in self.levels:
+                self.level_heads(level).enqueue(torch.cat([target.embedding for target in targets[level]]))
+        last = self.levels[-1]
+        output = self._output(losses, source[last], targets[last])
+        return output if return_dict else output.to_tuple()
 
-    def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict:
-        """Pooled features of every loss level (``level -> [B, C]``), and with the dense term each level's cells
-        (``("cells", level) -> [B, cells, C]``). Without a ladder or dense term: just ``pooler_output``."""
+    def _target_groups(self, source_pixel_values, target_pixel_values, source_geometry, target_geometry) -> tuple:
+        """The target views cut into the framework's groups and each group's crop geometry, after checking that
+        the inputs fit the config. Without target views, each global source view is its own group."""
+        num_groups = self.config.num_target_groups
+        if len(source_pixel_values) < num_groups:
+            raise ValueError(
+                f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
+                f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
+            )
+        if target_pixel_values is None:
+            groups = [[view] for view in source_pixel_values[:num_groups]]
+            geometry = None if source_geometry is None else source_geometry[:num_groups]
+        elif not target_pixel_values or len(target_pixel_values) % num_groups:
+            raise ValueError(
+                f"`target_pixel_values` must hold {num_groups} group(s) of equal size, got {len(target_pixel_values)} views."
+            )
+        else:
+            size = len(target_pixel_values) // num_groups
+            groups = [target_pixel_values[group * size : (group + 1) * size] for group in range(num_groups)]
+            geometry = None if target_geometry is None else target_geometry[::size]
+        if self.config.ladder_dense_weight and (source_geometry is None or geometry is None):
+            raise ValueError(
+                "`source_geometry` and `target_geometry` are required when `ladder_dense_weight` > 0 (the dense "
+                "term matches cells by crop geometry); build the views with MultiViewTransform.from_config."
+            )
+        return groups, geometry
+
+    def _level_features(self, encoder: "SiameseModel", pixel_values: torch.Tensor) -> dict[int, LevelFeatures]:
+        """Every loss level's features of a batch (with the dense term, per cell too)."""
         dense = bool(self.config.ladder_dense_weight)
         if len(self.levels) == 1 and not dense:
-            return {self.levels[0]: encoder(pixel_values).pooler_output}
+            return {self.levels[0]: LevelFeatures(encoder(pixel_values).pooler_output)}
         output = encoder(pixel_values, output_hidden_states=True)
-        features = {
-            level: pool_stage(output.hidden_states[level - 1], encoder.backbone, self.config.ladder_vit_pooling)
-            for level in self.levels[:-1]
-        }
-        features[self.levels[-1]] = output.pooler_output
-        if dense:
-            for level in self.levels:
-                features["cells", level] = stage_cells(output.hidden_states[level - 1], encoder.backbone)
+        features = {}
+        for level in self.levels:
+            stage = output.hidden_states[level - 1]
+            pooled = output.pooler_output if level == self.levels[-1] else pool_stage(
+                stage, encoder.backbone, self.config.ladder_vit_pooling)
+            features[level] = LevelFeatures(pooled, stage_cells(stage, encoder.backbone) if dense else None)
         return features
 
-    def _project_source(self, pixel_values: torch.Tensor) -> dict:
-        """Per level, the source projection ``z`` and prediction ``p`` (``p = z`` without a predictor); with the
-        dense term, also per level ``("cells", level) ->`` (cell projections, cell predictions)."""
-        projected = {}
-        for key, features in self._level_features(self.siamese, pixel_values).items():
-            projector, predictor = self._source_heads(key)
-            projection = _per_cell(projector, features)
-            projected[key] = (projection, _per_cell(predictor, projection) if predictor is not None else projection)
-        return projected
-
-    def _source_heads(self, key) -> tuple[nn.Module, nn.Module | None]:
-        if isinstance(key, tuple):  # ("cells", level)
-            name = str(key[1])
-            return self.dense_projectors[name], self.dense_predictors[name] if name in self.dense_predictors else None
-        projector, predictor, _ = self._level_heads(key)
-        return projector, predictor
-
-    def _target_head(self, key) -> nn.Module:
-        if isinstance(key, tuple):
-            name = str(key[1])
-            return self.target_dense_projectors[name] if self.target_encoder is not None else self.dense_projectors[name]
-        projector, _, target_projector = self._level_heads(key)
-        return target_projector if target_projector is not None else projector
+    def _project_source(self, pixel_values: torch.Tensor) -> dict[int, SourceOutput]:
+        features = self._level_features(self.siamese, pixel_values)
+        return {level: self.level_heads(level).project(level_features) for level, level_features in features.items()}
 
     def _in_one_pass(self, views_by_norm: list[list[torch.Tensor]], encode) -> dict:
         """``encode`` of all the views in one batch, BatchNorm statistics per entry of ``views_by_norm``."""
@@ -435,31 +438,39 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             passes.extend([[run]] if self.config.multicrop_joint_bn else one_statistics_per_view(run))
         return passes
 
-    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, tuple[list, list]]:
-        """Per level, the projections and predictions of every source view, each view with its own BatchNorm
-        statistics as in the references (local crops optionally together)."""
-        outputs = {}
+    def _project_source_views(self, views: list[torch.Tensor], num_global: int) -> dict[int, list[SourceOutput]]:
+        """Per level, the source heads' output for every view, each view with its own BatchNorm statistics as in
+        the references (local crops optionally together)."""
+        outputs = {level: [] for level in self.levels}
         for views_by_norm in self._source_passes(views, num_global):
             num_views = sum(len(group) for group in views_by_norm)
-            for key, (projection, prediction) in self._in_one_pass(views_by_norm, self._project_source).items():
-                projections, predictions = outputs.setdefault(key, ([], []))
-                projections.extend(projection.chunk(num_views))
-                predictions.extend(prediction.chunk(num_views))
+            for level, output in self._in_one_pass(views_by_norm, self._project_source).items():
+                outputs[level].extend(output.chunk(num_views))
         return outputs
 
     @torch.no_grad()
-    def _target_mean_projections(self, groups: list[list[torch.Tensor]]) -> list[dict]:
+    def _encode_targets(self, groups: list[list[torch.Tensor]]) -> dict[int, list[Target]]:
+        """Per level, each target group's normalised target from the target branch."""
+        targets = {level: [] for level in self.levels}
+        for group_targets in self._target_mean_projections(groups):
+            for level, target in group_targets.items():
+                targets[level].append(target.normalized())
+        return targets
+
+    @torch.no_grad()
+    def _target_mean_projections(self, groups: list[list[torch.Tensor]]) -> list[dict[int, Target]]:
         """Per target group, per level, the mean of the target's un-normalised projections of the group's views
-        (MeanEnc normalises them together); per dense level, the cell projections of the group's first view (the
-        others' cells do not line up with it). Groups share a pass with `batch_views`, except under shuffling BN,
-        which permutes each group's batch on its own as MoCo does."""
+        (MeanEnc normalises them together) and the cell projections of its first view (the others' cells do not
+        line up with it). Groups share a pass with `batch_views`, except under shuffling BN, which permutes each
+        group's batch on its own as MoCo does."""
         encoder = self.target_encoder if self.target_encoder is not None else self.siamese
 
-        def encode(pixels: torch.Tensor) -> dict:
+        def encode(pixels: torch.Tensor) -> dict[int, Target]:
             features = self._level_features(encoder, pixels)
-            return {key: _per_cell(self._target_head(key), value) for key, value in features.items()}
+            return {level: self.level_heads(level).project_target(level_features)
+                    for level, level_features in features.items()}
 
-        def encode_shuffled(pixels: torch.Tensor) -> dict:
+        def encode_shuffled(pixels: torch.Tensor) -> dict[int, Target]:
             return batch_shuffled(encode, pixels)
 
         shuffle = self.config.shuffle_bn
@@ -467,13 +478,11 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         passes = [groups] if self._batches_views and alike and not shuffle else [[group] for group in groups]
         results = []
         for pass_groups in passes:
-            projections = self._in_one_pass(pass_groups, encode_shuffled if shuffle else encode)
-            shape = (len(pass_groups), len(pass_groups[0]), len(pass_groups[0][0]))
-            per_key = {
-                key: p.view(*shape, *p.shape[1:])[:, 0] if isinstance(key, tuple) else p.view(*shape, -1).mean(dim=1)
-                for key, p in projections.items()
-            }
-            results.extend({key: value[group] for key, value in per_key.items()} for group in range(len(pass_groups)))
+            targets = self._in_one_pass(pass_groups, encode_shuffled if shuffle else encode)
+            per_group = {level: target.per_group(len(pass_groups), len(pass_groups[0]))
+                         for level, target in targets.items()}
+            results.extend({level: split[group] for level, split in per_group.items()}
+                           for group in range(len(pass_groups)))
         return results
 
     def target_mean_projection(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -481,7 +490,19 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
 
         The views are encoded in one batch. With a single view this is just its target projection.
         """
-        return self._target_mean_projections([views])[0][self.levels[-1]]
+        return self._target_mean_projections([views])[0][self.levels[-1]].embedding
+
+    def _level_loss(self, heads: LevelHeads, views: list[SourceOutput], targets: list[Target], source_geometry,
+                    group_geometry) -> "LevelLoss":
+        """One level's global, local (MultiCrop) and dense terms."""
+        negatives = heads.negatives()
+        global_term, local_term = self._pair_terms([view.prediction for view in views],
+                                                   [target.embedding for target in targets], negatives)
+        dense_term = None
+        if self.config.ladder_dense_weight:
+            dense_term = self._dense_term([view.cell_prediction for view in views],
+                                          [target.cells for target in targets], source_geometry, group_geometry)
+        return LevelLoss(global_term, local_term, dense_term)
 
     def _pair_loss(self, prediction: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         # In fp32 whatever the branches' dtypes (16-bit source and fp32 target under DeepSpeed bf16/fp16).
@@ -490,7 +511,7 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
             return self.criterion(prediction, target, negatives)
         return self.criterion(prediction, target)
 
-    def _level_terms(self, predictions, targets, negatives) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pair_terms(self, predictions, targets, negatives) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One level's global and local (MultiCrop) terms, combined over directions as the framework does."""
         num_groups = len(targets)
         global_terms, local_terms = [], []
@@ -502,109 +523,6 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 local_terms.append(torch.stack([self._pair_loss(p, target, negatives) for p in local_predictions]).mean())
         reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
         return reduce(torch.stack(global_terms)), reduce(torch.stack(local_terms)) if local_terms else None
-
-    def forward(
-        self,
-        source_pixel_values: list[torch.Tensor],
-        target_pixel_values: list[torch.Tensor],
-        source_geometry: list[torch.Tensor] | None = None,
-        target_geometry: list[torch.Tensor] | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SiamesePreTrainingOutput | tuple:
-        r"""
-        Args:
-            source_pixel_values (`list[torch.Tensor]`):
-                Views for the source branch: the global views first (2 with a symmetric loss, else 1), then any
-                local crops. Each `[B, C, H, W]`; each has its own BatchNorm statistics, whether it shares a
-                forward pass with views of its size (`batch_views`) or not.
-            target_pixel_values (`list[torch.Tensor]`):
-                Views for the target branch: one group per global source view (2 groups with a symmetric loss),
-                each of equal size (more than one view per group = MeanEnc). Global source view `d` is paired
-                with target group `1 - d` (symmetric) or group 0; local crops are paired with every group.
-            source_geometry, target_geometry (`list[torch.Tensor]`, *optional*):
-                Each view's crop geometry `[B, 5]` (top, left, height, width, flipped), as `collate_views` gives
-                it; required by the Ladder's dense term (`ladder_dense_weight > 0`).
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        target_groups = self._target_groups(source_pixel_values, target_pixel_values, source_geometry, target_geometry)
-        views_per_group = len(target_groups[0])
-        source = self._project_source_views(source_pixel_values, num_global=len(target_groups))
-        targets = self._target_embeddings(target_groups, source_pixel_values, source)
-
-        level_losses, global_loss, local_loss, dense_loss = self._weighted_level_losses(
-            source, targets, source_geometry, None if target_geometry is None else target_geometry[::views_per_group])
-        loss = global_loss if local_loss is None else global_loss + local_loss
-        if dense_loss is not None:
-            loss = loss + self.config.ladder_dense_weight * dense_loss
-
-        if self.config.queue_size and self.training:
-            for level in self.levels:
-                self._enqueue(torch.cat(targets[level]), level)
-
-        last = self.levels[-1]
-        output = SiamesePreTrainingOutput(
-            loss=loss,
-            global_loss=global_loss,
-            local_loss=local_loss,
-            level_losses=level_losses,
-            dense_loss=dense_loss,
-            source_predictions=tuple(source[last][1]),
-            target_embeddings=tuple(targets[last]),
-        )
-        return output if return_dict else output.to_tuple()
-
-    def _target_groups(self, source_pixel_values, target_pixel_values, source_geometry, target_geometry) -> list:
-        """The target views cut into the framework's groups, after checking that the inputs fit the config."""
-        if self.config.ladder_dense_weight and (source_geometry is None or target_geometry is None):
-            raise ValueError(
-                "`source_geometry` and `target_geometry` are required when `ladder_dense_weight` > 0 (the dense "
-                "term matches cells by crop geometry); build the views with MultiViewTransform.from_config."
-            )
-        num_groups = self.config.num_target_groups
-        if len(source_pixel_values) < num_groups:
-            raise ValueError(
-                f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
-                f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
-            )
-        if not target_pixel_values or len(target_pixel_values) % num_groups:
-            raise ValueError(
-                f"`target_pixel_values` must hold {num_groups} group(s) of equal size, got {len(target_pixel_values)} views."
-            )
-        views_per_group = len(target_pixel_values) // num_groups
-        return [target_pixel_values[group * views_per_group : (group + 1) * views_per_group]
-                for group in range(num_groups)]
-
-    def _target_embeddings(self, target_groups: list, source_pixel_values: list, source: dict) -> dict:
-        """Per level (and dense level), each group's normalised target: SimSiam's reused source projection where
-        the view is a source view, else the target branch's (mean) projection."""
-        reused = [self._reused_source_projections(group, source_pixel_values, source) for group in target_groups]
-        to_encode = [group for group, embeddings in zip(target_groups, reused) if embeddings is None]
-        encoded = iter(self._target_mean_projections(to_encode) if to_encode else [])
-        targets = {}
-        for embeddings in reused:
-            if embeddings is None:
-                embeddings = {k: F.normalize(p, dim=-1) for k, p in next(encoded).items()}
-            for key, embedding in embeddings.items():
-                targets.setdefault(key, []).append(embedding)
-        return targets
-
-    def _weighted_level_losses(self, source: dict, targets: dict, source_geometry, group_geometry) -> tuple:
-        """Per level, its loss; over levels (weighted), the global, local (MultiCrop) and dense terms."""
-        level_losses, global_loss, local_loss, dense_loss = {}, 0.0, None, None
-        for level, weight in zip(self.levels, self.level_weights):
-            negatives = self._queue_snapshot(level) if self.config.queue_size else None
-            level_global, level_local = self._level_terms(source[level][1], targets[level], negatives)
-            level_losses[level] = level_global if level_local is None else level_global + level_local
-            global_loss = global_loss + weight * level_global
-            if level_local is not None:
-                local_loss = weight * level_local if local_loss is None else local_loss + weight * level_local
-            if self.config.ladder_dense_weight:
-                level_dense = self._dense_term(source["cells", level][1], targets["cells", level],
-                                               source_geometry, group_geometry)
-                level_losses[level] = level_losses[level] + self.config.ladder_dense_weight * level_dense
-                dense_loss = weight * level_dense if dense_loss is None else dense_loss + weight * level_dense
-        return level_losses, global_loss, local_loss, dense_loss
 
     def _dense_term(self, cell_predictions, cell_targets, source_geometry, target_geometry) -> torch.Tensor:
         """Matched-cell loss between each global source view and the first view of its target group."""
@@ -619,17 +537,83 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         reduce = torch.mean if self.criterion.direction_reduction == "mean" else torch.sum
         return reduce(torch.stack(terms))
 
-    def _reused_source_projections(self, group, source_pixel_values, source) -> dict | None:
-        """SimSiam's target for a view the source already encoded: its projections under stop-gradient.
+    def _output(self, losses: dict[int, "LevelLoss"], last_views: list[SourceOutput],
+                last_targets: list[Target]) -> SiamesePreTrainingOutput:
+        """The total loss (levels weighted by `ladder_weights`) and its parts."""
+        weighted = list(zip(self.level_weights, losses.values()))
+        global_loss = _weighted_sum((weight, loss.global_term) for weight, loss in weighted)
+        local_loss = _weighted_sum((weight, loss.local_term) for weight, loss in weighted)
+        dense_loss = _weighted_sum((weight, loss.dense_term) for weight, loss in weighted)
+        loss = global_loss if local_loss is None else global_loss + local_loss
+        if dense_loss is not None:
+            loss = loss + self.config.ladder_dense_weight * dense_loss
+        return SiamesePreTrainingOutput(
+            loss=loss,
+            global_loss=global_loss,
+            local_loss=local_loss,
+            level_losses={level: loss.total(self.config.ladder_dense_weight) for level, loss in losses.items()},
+            dense_loss=dense_loss,
+            source_predictions=tuple(view.prediction for view in last_views),
+            target_embeddings=tuple(target.embedding for target in last_targets),
+        )
 
-        This is SimSiam's own computation (Chen & He 2021, Alg. 1) and saves a forward pass per view.
-        """
-        if self.target_encoder is not None or len(group) != 1:
-            return None
-        for index, view in enumerate(source_pixel_values):
-            if view is group[0]:
-                return {key: F.normalize(value[0][index].detach(), dim=-1) for key, value in source.items()}
-        return None
+
+@dataclass
+class LevelLoss:
+    """One level's unweighted terms: global views, local crops (MultiCrop) and matched cells (dense term)."""
+
+    global_term: torch.Tensor
+    local_term: torch.Tensor | None = None
+    dense_term: torch.Tensor | None = None
+
+    def total(self, dense_weight: float) -> torch.Tensor:
+        total = self.global_term if self.local_term is None else self.global_term + self.local_term
+        return total if self.dense_term is None else total + dense_weight * self.dense_term
+
+
+def _weighted_sum(terms) -> torch.Tensor | None:
+    """``sum(weight * term)`` over the terms that exist; ``None`` when none does."""
+    weighted = [weight * term for weight, term in terms if term is not None]
+    return sum(weighted[1:], weighted[0]) if weighted else None
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+_LEGACY_PER_LEVEL = {"ladder_projectors": "projector", "ladder_predictors": "predictor",
+                     "target_ladder_projectors": "target_projector", "dense_projectors": "dense_projector",
+                     "dense_predictors": "dense_predictor", "target_dense_projectors": "target_dense_projector"}
+
+
+def legacy_key_mapping(last_level: int) -> dict[str, str]:
+    """Regular-expression renames from the layout with one attribute per head kind (``projector``,
+    ``ladder_projectors.2``, ``queue_level2``, ...) to ``heads.{level}.*``."""
+    mapping = {rf"^{old}\.(\d+)\.": rf"heads.\1.{new}." for old, new in _LEGACY_PER_LEVEL.items()}
+    mapping.update({rf"^{name}\.": f"heads.{last_level}.{name}." for name in ("projector", "predictor",
+                                                                              "target_projector")})
+    mapping.update({r"^queue_level(\d+)$": r"heads.\1.queue", r"^queue_ptr_level(\d+)$": r"heads.\1.queue_ptr",
+                    r"^queue$": f"heads.{last_level}.queue", r"^queue_ptr$": f"heads.{last_level}.queue_ptr"})
+    return mapping
+
+
+def _rename_legacy_keys(model: "SiameseForPreTraining", state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook (training checkpoints): old-layout keys renamed in place."""
+    mapping = legacy_key_mapping(model.levels[-1])
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = key[len(prefix):]
+        for pattern, replacement in mapping.items():
+            renamed = re.sub(pattern, replacement, name)
+            if renamed != name:
+                state_dict[prefix + renamed] = state_dict.pop(key)
+                model.loaded_legacy_layout = True
+                break
+
+
+def _last_level(config: SiameseConfig) -> int:
+    """The last loss level of ``config``'s model: the backbone's number of levels, read from a meta-device copy."""
+    if config.ladder_levels:
+        return list(config.ladder_levels)[-1]
+    with torch.device("meta"):
+        return len(stage_indices(create_backbone(config)))
+
 
 
 def _same_size_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -641,14 +625,6 @@ def _same_size_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         else:
             runs.append([view])
     return runs
-
-
-def _per_cell(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """Apply an MLP head to ``[B, C]`` features, or to every cell of ``[B, cells, C]`` (a 1x1-conv MLP)."""
-    if features.dim() == 2:
-        return head(features)
-    batch, cells, _ = features.shape
-    return head(features.flatten(0, 1)).view(batch, cells, -1)
 
 
 def _resolve_ladder_levels(config: SiameseConfig, num_levels: int) -> list[int]:

@@ -35,6 +35,7 @@ from .data import DataArguments, PretrainingData, load_labelled, load_raw_datase
 from .hub import (
     TRAINING_RUN, check_timm_exportable, export_timm, push_folder, save_image_processor, write_model_card,
 )
+from .levels import check_queue_fits
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
@@ -201,7 +202,9 @@ def _setup_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
         shuffle_buffer_size=data_args.shuffle_buffer_size, image_column=data_args.image_column,
         pin_memory=accelerator.device.type == "cuda",
     )
-    _check_queue(config, args.per_device_train_batch_size * accelerator.num_processes)
+    if config.queue_size:
+        check_queue_fits(config.queue_size, args.per_device_train_batch_size * accelerator.num_processes
+                         * config.num_target_groups, "per-device batch x processes x target groups")
     schedule = _schedule(args, data, accelerator)
     optimizer = build_optimizer(model, args.optimizer, schedule.learning_rate, args.weight_decay,
                                 momentum=args.sgd_momentum)
@@ -234,11 +237,23 @@ def _start(run: _Run) -> ResumePoint:
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         resume = load_checkpoint(accelerator, run.output_dir, args.resume_from_checkpoint, run.scheduler)
+        _check_resumable_layout(run.unwrapped, run.output_dir)
     tracked = {**asdict(args), **asdict(run.data_args), "framework": run.config.framework, "hub_token": None}
     accelerator.init_trackers("hf_siamese", config=tracked)  # no secrets in the tracked config
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", run.schedule.total_steps,
                 run.schedule.global_batch, run.schedule.learning_rate, accelerator.num_processes)
     return resume
+
+
+def _check_resumable_layout(model: SiameseForPreTraining, output_dir: Path) -> None:
+    """A checkpoint of the older head layout resumes only without a ladder: with one, its optimizer state lists
+    the heads in another order."""
+    if model.loaded_legacy_layout and len(model.levels) > 1:
+        raise ValueError(
+            f"The checkpoint in {output_dir} was written with the older head layout (one attribute per head kind), "
+            "whose optimizer state orders a ladder's heads differently. Resume it with the hf_siamese version that "
+            "wrote it, or start a new run from its weights with --model_name_or_path."
+        )
 
 
 def _loop(run: _Run, resume: ResumePoint, actions: list["_AfterStep"]) -> int:
@@ -420,17 +435,11 @@ def median_images_per_second(output_dir: Path) -> float | None:
 
 
 def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked.
-
-    A view shared by the two branches stays one tensor (``collate_views``): SimSiam reuses its source projection.
-    """
-    moved: dict[int, torch.Tensor] = {}
+    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked."""
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in moved:
-            layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
-            moved[id(tensor)] = tensor.to(device, non_blocking=True, memory_format=layout)
-        return moved[id(tensor)]
+        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
+        return tensor.to(device, non_blocking=True, memory_format=layout)
 
     return {key: [move(view) for view in views] for key, views in batch.items()}
 
@@ -800,16 +809,6 @@ def _float32_state_dict(accelerator: Accelerator, model, unwrapped: SiameseForPr
     else:
         state_dict = unwrapped.state_dict()
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
-
-
-def _check_queue(config: SiameseConfig, batch_per_forward: int) -> None:
-    """MoCo enqueues every process's keys at each forward; the queue must hold a whole number of them."""
-    keys = batch_per_forward * config.num_target_groups
-    if config.queue_size and config.queue_size % keys:
-        raise ValueError(
-            f"`queue_size` ({config.queue_size}) must be a multiple of the keys enqueued per forward ({keys} = "
-            f"per-device batch x processes x {config.num_target_groups} target group(s))."
-        )
 
 
 def _optimizer_steps_per_epoch(data: PretrainingData, args: PretrainingArguments) -> int | None:

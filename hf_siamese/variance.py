@@ -75,10 +75,8 @@ class VarianceMonitor:
 
     @torch.no_grad()
     def measure(self, model) -> VarianceReport:
-        encoder = model.target_encoder if model.target_encoder is not None else model.siamese
-        projector = model.target_projector if model.target_projector is not None else model.projector
-        source = self._branch_variance(model.siamese, model.projector, self.source_transform)
-        target = self._branch_variance(encoder, projector, self.target_transform)
+        source = self._branch_variance(*model.source_branch(), self.source_transform)
+        target = self._branch_variance(*model.target_branch(), self.target_transform)
         return VarianceReport(source=source, target=target)
 
     def _branch_variance(self, encoder: nn.Module, projector: nn.Module, transform: Callable) -> float:

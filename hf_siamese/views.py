@@ -10,8 +10,9 @@ of Wang et al. (CVPR 2022) change which views the two branches see:
 
 The view layout is the model's: ``source = [global_1, (global_2), local_1, ...]``,
 ``target = [group_1 views..., (group_2 views...)]``. For a symmetric framework without asymmetric augmentation,
-the global views are the *same tensors* in both lists (as in BYOL and SimSiam, where each view passes through both
-branches); :func:`collate_views` keeps that identity so that SimSiam reuses the source projection.
+the global views are both branches' (as in BYOL and SimSiam, where each view passes through both branches): there is
+then no target list, and the model takes each global source view as its own target group (SimSiam reuses the
+source projection).
 """
 
 import math
@@ -206,11 +207,12 @@ class MultiViewTransform:
         # source takes recipe 1, target recipe 2 (two independent views, as MoCo's query and key).
         source_recipes = list(range(num_directions))
         target_recipes = list(range(num_directions)) if self.symmetric else [1]
-        shares_views = self.symmetric and not self.asym_aug and self.mean_encoding_views == 1
+        same_views = self.symmetric and not self.asym_aug and self.mean_encoding_views == 1
 
         global_views = [self.global_source[r].with_geometry(image) for r in source_recipes]
-        if shares_views:
-            target = list(global_views)
+        if same_views:
+            # No target list: the model takes the source's global views. ScaleMix mixes only the source's.
+            target = list(global_views) if self.scalemix_probability else []
         else:
             target = [
                 self.global_target[r].with_geometry(image)
@@ -220,10 +222,13 @@ class MultiViewTransform:
         source = [(self._maybe_scale_mix(view, self.global_source[r], image), geometry)
                   for (view, geometry), r in zip(global_views, source_recipes)]
         source += [self.local_source.with_geometry(image) for _ in range(self.num_local)]
-        views = {"source": [view for view, _ in source], "target": [view for view, _ in target]}
+        views = {"source": [view for view, _ in source]}
+        if target:
+            views["target"] = [view for view, _ in target]
         if self.return_geometry:
             views["source_geometry"] = [geometry for _, geometry in source]
-            views["target_geometry"] = [geometry for _, geometry in target]
+            if target:
+                views["target_geometry"] = [geometry for _, geometry in target]
         return views
 
     def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
@@ -237,44 +242,18 @@ class MultiViewTransform:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-class ViewBatch(dict):
-    """A batch of views from :func:`collate_views`: ``{key: [tensor per view position]}``.
-
-    A DataLoader with ``pin_memory`` pins it through :meth:`pin_memory`, which pins a view shared by both branches
-    once, so it stays one tensor (torch's generic pinning would pin it twice).
-    """
-
-    def pin_memory(self) -> "ViewBatch":
-        pinned: dict[int, torch.Tensor] = {}
-
-        def pin(tensor: torch.Tensor) -> torch.Tensor:
-            if id(tensor) not in pinned:
-                pinned[id(tensor)] = tensor.pin_memory()
-            return pinned[id(tensor)]
-
-        return ViewBatch({key: [pin(view) for view in views] for key, views in self.items()})
-
-
-def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> ViewBatch:
+def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
     """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``
-    (plus ``source_geometry``/``target_geometry`` when the views carry their crop geometry).
+    (no target views when the global source views are both branches'; ``source_geometry``/``target_geometry``
+    when the views carry their crop geometry).
 
-    A target position holding the same tensors as a source position gets the same batch tensor, which is how
-    the model knows the view was already encoded by the source. Stacking goes through ``default_collate``, which
-    in a DataLoader worker stacks straight into shared memory instead of copying the batch there afterwards.
+    Stacking goes through ``default_collate``, which in a DataLoader worker stacks straight into shared memory
+    instead of copying the batch there afterwards.
     """
-    source = [default_collate([s["source"][i] for s in samples]) for i in range(len(samples[0]["source"]))]
-    target = []
-    for i in range(len(samples[0]["target"])):
-        shared = next(
-            (j for j in range(len(source)) if all(s["target"][i] is s["source"][j] for s in samples)), None
-        )
-        target.append(source[shared] if shared is not None else default_collate([s["target"][i] for s in samples]))
-    batch = ViewBatch(source_pixel_values=source, target_pixel_values=target)
-    for key in ("source_geometry", "target_geometry"):
-        if key in samples[0]:
-            batch[key] = [default_collate([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
-    return batch
+    names = {"source": "source_pixel_values", "target": "target_pixel_values",
+             "source_geometry": "source_geometry", "target_geometry": "target_geometry"}
+    return {name: [default_collate([sample[key][i] for sample in samples]) for i in range(len(samples[0][key]))]
+            for key, name in names.items() if key in samples[0]}
 
 
 def channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -25,11 +25,12 @@ def tiny_config(framework: str = "byol", backbone: str = "resnet18", **overrides
 
 
 def global_views(config: SiameseConfig, batch_size: int = 8, seed: int = 0):
-    """Source and target lists for the plain two-view layout of ``config``'s framework."""
+    """Source and target lists for the plain two-view layout of ``config``'s framework (no target list when both
+    branches see the global views)."""
     generator = torch.Generator().manual_seed(seed)
     view_a, view_b = (torch.randn(batch_size, config.num_channels, 32, 32, generator=generator) for _ in range(2))
     if config.symmetric_loss:
-        return [view_a, view_b], [view_a, view_b]
+        return [view_a, view_b], None
     return [view_a], [view_b]
 
 
@@ -53,8 +54,8 @@ def fresh_accelerate_state():
 
 
 def design_views(config: SiameseConfig, batch_size: int = 8, seed: int = 0):
-    """Source and target lists for ``config`` with its designs: global views (shared by both branches for a
-    symmetric loss), MultiCrop's local crops after them, MeanEnc's extra target views in each group."""
+    """Source and target lists for ``config`` with its designs: global views (both branches' for a symmetric loss:
+    no target list), MultiCrop's local crops after them, MeanEnc's extra target views in each group."""
     generator = torch.Generator().manual_seed(seed)
 
     def view(side: int) -> torch.Tensor:
@@ -65,8 +66,16 @@ def design_views(config: SiameseConfig, batch_size: int = 8, seed: int = 0):
     locals_ = [view(config.multicrop_local_size) for _ in range(config.multicrop_num_local)] if config.multicrop else []
     firsts = globals_ if config.symmetric_loss else [view(config.image_size)]
     views_per_group = config.mean_encoding_views if config.mean_encoding else 1
+    if config.symmetric_loss and views_per_group == 1:
+        return [*globals_, *locals_], None
     target = [v for first in firsts for v in [first, *(view(config.image_size) for _ in range(views_per_group - 1))]]
     return [*globals_, *locals_], target
+
+
+def view_batch(config: SiameseConfig, batch_size: int = 8, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """``design_views`` as ``collate_views`` names them (no target entry when the source views are both branches')."""
+    source, target = design_views(config, batch_size, seed)
+    return {"source_pixel_values": source, **({"target_pixel_values": target} if target is not None else {})}
 
 
 def batched_against_separate(framework: str, source, target, seed: int = 0, **overrides) -> dict[str, float]:

@@ -28,7 +28,7 @@ def one_step(framework: str, accelerator, args: PretrainingArguments) -> dict:
     output = training_step(accelerator, engine, optimizer, batch)
 
     targets = [p for module in unwrapped.target_modules() for p in module.parameters()]
-    sources = [p for module in (unwrapped.siamese, unwrapped.projector) for p in module.parameters()]
+    sources = [p for module in (unwrapped.siamese, unwrapped.heads["4"].projector) for p in module.parameters()]
     before = [p.detach().clone() for p in targets]
     unwrapped.momentum_update(MOMENTUM)
     pairs = list(zip(targets, before, sources))  # target_encoder, target_projector follow siamese, projector
@@ -40,7 +40,7 @@ def one_step(framework: str, accelerator, args: PretrainingArguments) -> dict:
         "ema_moved": max((t.detach() - old).abs().max().item() for t, old, _ in pairs),
     }
     if framework == "moco":
-        report.update(queue_ptr=int(unwrapped.queue_ptr), queue_dtype=str(unwrapped.queue.dtype))
+        report.update(queue_ptr=int(unwrapped.heads["4"].queue_ptr), queue_dtype=str(unwrapped.heads["4"].queue.dtype))
     return report
 
 

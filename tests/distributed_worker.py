@@ -40,14 +40,14 @@ def main(out: Path) -> None:
     source, target = [torch.randn(4, 3, 32, 32)], [torch.randn(4, 3, 32, 32)]
     output = model(source, target)
     report["own_keys"] = output.target_embeddings[0].tolist()
-    report["queue_head"] = model.queue[:8].tolist()
-    report["queue_ptr"] = int(model.queue_ptr)
+    report["queue_head"] = model.heads["4"].queue[:8].tolist()
+    report["queue_ptr"] = int(model.heads["4"].queue_ptr)
 
     # Shuffling BN in eval mode must give exactly the unshuffled encoding; the ranks' encoders must be identical
     # for that (the training forward above updated each rank's BN statistics with its own data).
     torch.manual_seed(0)
     model = SiameseForPreTraining(config).eval()
-    encode = lambda pixels: model.target_projector(model.target_encoder(pixels).pooler_output)  # noqa: E731
+    encode = lambda pixels: model.heads["4"].target_projector(model.target_encoder(pixels).pooler_output)  # noqa: E731
     with torch.no_grad():
         report["shuffle_max_diff"] = (batch_shuffled(encode, target[0]) - encode(target[0])).abs().max().item()
 

@@ -36,7 +36,7 @@ def digest(case: str, work: Path) -> dict[str, list[float]]:
          "--scale_learning_rate", "false", "--dataloader_num_workers", "0", "--seed", "0", *TINY_MODEL, *CASES[case]])
     losses = [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     tensors = load_file(output_dir / "model.safetensors")
-    buffers = {name for name in tensors if "running_" in name or name.startswith("queue")}
+    buffers = {name for name in tensors if "running_" in name or name.rsplit(".", 1)[-1].startswith("queue")}
 
     def weighted_sum(names) -> float:
         total = 0.0

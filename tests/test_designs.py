@@ -30,7 +30,7 @@ def test_multicrop_loss_is_global_plus_mean_of_local_terms(framework):
     batch = batch_for(config)
     output = model(**batch)
     predictions, targets = output.source_predictions, output.target_embeddings
-    negatives = model.queue if config.queue_size else None
+    negatives = model.heads["4"].queue if config.queue_size else None
 
     def term(p, t):
         return model.criterion(p, t, negatives) if negatives is not None else model.criterion(p, t)
@@ -116,8 +116,8 @@ def test_all_designs_together_train_for_every_ema_framework():
 def test_asym_bn_swaps_the_projector_norms_and_keeps_checkpoint_keys():
     config = tiny_config("byol", asym_bn=True, asym_bn_source_batch=4)
     model = SiameseForPreTraining(config)
-    assert any(isinstance(m, GhostBatchNorm1d) for m in model.projector.modules())
-    assert any(isinstance(m, TargetSyncBatchNorm1d) for m in model.target_projector.modules())
+    assert any(isinstance(m, GhostBatchNorm1d) for m in model.heads["4"].projector.modules())
+    assert any(isinstance(m, TargetSyncBatchNorm1d) for m in model.heads["4"].target_projector.modules())
     plain = SiameseForPreTraining(tiny_config("byol"))
     assert set(model.state_dict()) == set(plain.state_dict())
     # The swapped-in target layers stay frozen (DDP fails on trainable parameters without gradients).

@@ -28,9 +28,9 @@ def test_last_level_only_is_exactly_the_plain_framework(framework):
 def test_each_level_has_its_own_heads_with_the_stage_width():
     model = SiameseForPreTraining(tiny_config("byol", ladder_levels=[1, 2, 3, 4]))
     assert model.levels == [1, 2, 3, 4]
-    assert {k: head[0].in_features for k, head in model.ladder_projectors.items()} == {"1": 64, "2": 128, "3": 256}
-    assert set(model.ladder_predictors) == set(model.target_ladder_projectors) == {"1", "2", "3"}
-    assert model.projector[0].in_features == 512
+    widths = {level: heads.projector[0].in_features for level, heads in model.heads.items()}
+    assert widths == {"1": 64, "2": 128, "3": 256, "4": 512}
+    assert all(heads.predictor is not None and heads.target_projector is not None for heads in model.heads.values())
 
 
 def test_level_loss_sends_gradients_only_to_the_stem_its_stages_and_its_head():
@@ -47,8 +47,9 @@ def test_level_loss_sends_gradients_only_to_the_stem_its_stages_and_its_head():
     backbone = model.siamese.backbone
     assert has_grad(backbone.conv1) and has_grad(backbone.layer1) and has_grad(backbone.layer2)
     assert not has_grad(backbone.layer3) and not has_grad(backbone.layer4)
-    assert has_grad(model.ladder_projectors["2"]) and has_grad(model.ladder_predictors["2"])
-    for other in (model.ladder_projectors["1"], model.ladder_projectors["3"], model.projector, model.predictor):
+    assert has_grad(model.heads["2"].projector) and has_grad(model.heads["2"].predictor)
+    for other in (model.heads["1"].projector, model.heads["3"].projector, model.heads["4"].projector,
+                  model.heads["4"].predictor):
         assert not has_grad(other)
 
 
@@ -66,14 +67,15 @@ def test_every_level_target_head_follows_the_ema_and_gets_no_gradient():
     model = SiameseForPreTraining(tiny_config("mocov3", ladder_levels=[1, 3, 4])).train()
     source, target = global_views(model.config)
     model(source, target).loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.target_ladder_projectors.parameters())
+    targets = [p for level in ("1", "3") for p in model.heads[level].target_projector.parameters()]
+    sources = [p for level in ("1", "3") for p in model.heads[level].projector.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in targets)
     with torch.no_grad():
-        for param in model.ladder_projectors.parameters():
+        for param in sources:
             param.add_(1.0)
-    before = [p.clone() for p in model.target_ladder_projectors.parameters()]
+    before = [p.clone() for p in targets]
     model.momentum_update(0.5)
-    for after, old, source_param in zip(model.target_ladder_projectors.parameters(), before,
-                                        model.ladder_projectors.parameters()):
+    for after, old, source_param in zip(targets, before, sources):
         assert torch.allclose(after, 0.5 * old + 0.5 * source_param)
 
 
@@ -81,9 +83,9 @@ def test_moco_ladder_keeps_a_queue_per_level():
     model = SiameseForPreTraining(tiny_config("moco", queue_size=16, ladder_levels=[2, 4])).train()
     source, target = global_views(model.config)
     output = model(source, target)
-    assert int(model.queue_ptr) == 8 and int(model.queue_ptr_level2) == 8
-    assert torch.allclose(model.queue[:8], output.target_embeddings[0])
-    assert not torch.allclose(model.queue_level2[:8], model.queue[:8])
+    assert int(model.heads["4"].queue_ptr) == 8 and int(model.heads["2"].queue_ptr) == 8
+    assert torch.allclose(model.heads["4"].queue[:8], output.target_embeddings[0])
+    assert not torch.allclose(model.heads["2"].queue[:8], model.heads["4"].queue[:8])
 
 
 def test_vit_ladder_with_cls_and_mean_pooling():
@@ -151,20 +153,24 @@ def test_dense_term_adds_to_the_loss_and_trains_the_cell_heads(framework):
     expected = output.global_loss + 0.5 * output.dense_loss
     assert torch.allclose(output.loss, expected)
     output.loss.backward()
-    assert all(p.grad is not None for p in model.dense_projectors.parameters())
-    assert all(p.grad is None for p in model.target_dense_projectors.parameters())
+    for heads in model.heads.values():
+        assert all(p.grad is not None for p in heads.dense_projector.parameters())
+        target_heads = heads.target_dense_projector
+        assert (target_heads is None) == (framework == "simsiam")  # SimSiam's target heads are the source's
+        assert target_heads is None or all(p.grad is None for p in target_heads.parameters())
 
 
 def test_dense_target_heads_follow_the_ema():
     model = SiameseForPreTraining(dense_config("mocov3"))
+    sources = [p for heads in model.heads.values() for p in heads.dense_projector.parameters()]
+    targets = [p for heads in model.heads.values() for p in heads.target_dense_projector.parameters()]
     with torch.no_grad():
-        for param in model.dense_projectors.parameters():
+        for param in sources:
             param.add_(1.0)
-    before = [p.clone() for p in model.target_dense_projectors.parameters()]
+    before = [p.clone() for p in targets]
     model.momentum_update(0.0)
-    assert all(torch.equal(t, s) for t, s in zip(model.target_dense_projectors.parameters(),
-                                                  model.dense_projectors.parameters()))
-    assert not all(torch.equal(t, b) for t, b in zip(model.target_dense_projectors.parameters(), before))
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources))
+    assert not all(torch.equal(t, b) for t, b in zip(targets, before))
 
 
 def test_dense_term_pulls_matched_cells_together():

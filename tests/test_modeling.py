@@ -46,9 +46,9 @@ def test_forward_backward_finite_and_target_gets_no_gradient(framework):
     assert torch.isfinite(output.loss) and output.loss.requires_grad
     output.loss.backward()
     assert all(p.grad is not None for p in model.siamese.parameters())
-    assert all(p.grad is not None for p in model.projector.parameters())
+    assert all(p.grad is not None for p in model.heads["4"].projector.parameters())
     if model.target_encoder is not None:
-        target_params = [*model.target_encoder.parameters(), *model.target_projector.parameters()]
+        target_params = [*model.target_encoder.parameters(), *model.heads["4"].target_projector.parameters()]
         assert all(not p.requires_grad and p.grad is None for p in target_params)
     assert all(not t.requires_grad for t in output.target_embeddings)
 
@@ -61,11 +61,11 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(framework):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # On a fixed batch MoCo's queue fills with that batch's own keys, which makes the task harder by design;
     # hold the negatives fixed so that the test measures the encoder learning.
-    initial_queue = model.queue.clone() if framework == "moco" else None
+    initial_queue = model.heads["4"].queue.clone() if framework == "moco" else None
     losses = []
     for step in range(12):
         if initial_queue is not None:
-            model.queue.copy_(initial_queue)
+            model.heads["4"].queue.copy_(initial_queue)
         loss = model(source, target).loss
         optimizer.zero_grad()
         loss.backward()
@@ -90,8 +90,8 @@ def test_simsiam_averages_directions_and_reuses_the_source_projection():
     torch.manual_seed(0)
     model = SiameseForPreTraining(tiny_config("simsiam")).eval()
     (a, b), _ = global_views(model.config)
-    output = model([a, b], [a, b])
-    projection_b = model.projector(model.siamese(b).pooler_output)
+    output = model([a, b])
+    projection_b = model.heads["4"].projector(model.siamese(b).pooler_output)
     assert torch.allclose(output.target_embeddings[1], torch.nn.functional.normalize(projection_b, dim=1), atol=1e-5)
     pred_a, pred_b = output.source_predictions
     target_a, target_b = output.target_embeddings
@@ -99,11 +99,23 @@ def test_simsiam_averages_directions_and_reuses_the_source_projection():
     assert torch.allclose(output.loss, expected)
 
 
+def test_simsiam_encodes_given_target_views_and_reuses_the_source_pass_without_them():
+    model = SiameseForPreTraining(tiny_config("simsiam")).train()
+    (a, b), _ = global_views(model.config)
+    batches = []
+    model.siamese.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    model([a, b])
+    assert batches == [16]  # both views in one source pass; the targets are its projections
+    batches.clear()
+    model([a, b], [a.clone(), b.clone()])
+    assert batches == [16, 16]  # the source pass, then the given target views under stop-gradient
+
+
 def test_simsiam_has_one_encoder():
     model = SiameseForPreTraining(tiny_config("simsiam"))
     encoder_params = sum(p.numel() for p in model.siamese.parameters())
-    head_params = sum(p.numel() for p in [*model.projector.parameters(), *model.predictor.parameters()])
-    assert model.target_encoder is None and model.target_projector is None
+    head_params = sum(p.numel() for p in [*model.heads["4"].projector.parameters(), *model.heads["4"].predictor.parameters()])
+    assert model.target_encoder is None and model.heads["4"].target_projector is None
     assert sum(p.numel() for p in model.parameters()) == encoder_params + head_params
     assert not any(key.startswith("target_") for key in model.state_dict())
 
@@ -120,24 +132,24 @@ def test_view_count_errors_name_the_argument():
 def test_momentum_update_extremes():
     model = SiameseForPreTraining(tiny_config("byol"))
     with torch.no_grad():
-        for param in [*model.siamese.parameters(), *model.projector.parameters()]:
+        for param in [*model.siamese.parameters(), *model.heads["4"].projector.parameters()]:
             param.add_(torch.randn_like(param))
     before = [p.clone() for p in model.target_encoder.parameters()]
     model.momentum_update(1.0)
     assert all(torch.equal(p, q) for p, q in zip(model.target_encoder.parameters(), before))
     model.momentum_update(0.0)
     assert all(torch.equal(t, s) for t, s in zip(model.target_encoder.parameters(), model.siamese.parameters()))
-    assert all(torch.equal(t, s) for t, s in zip(model.target_projector.parameters(), model.projector.parameters()))
+    assert all(torch.equal(t, s) for t, s in zip(model.heads["4"].target_projector.parameters(), model.heads["4"].projector.parameters()))
 
 
 def test_momentum_update_is_an_exponential_moving_average():
     model = SiameseForPreTraining(tiny_config("mocov3"))
     with torch.no_grad():
-        for param in model.projector.parameters():
+        for param in model.heads["4"].projector.parameters():
             param.add_(1.0)
-    target_before = [p.clone() for p in model.target_projector.parameters()]
+    target_before = [p.clone() for p in model.heads["4"].target_projector.parameters()]
     model.momentum_update(0.75)
-    for after, before, source in zip(model.target_projector.parameters(), target_before, model.projector.parameters()):
+    for after, before, source in zip(model.heads["4"].target_projector.parameters(), target_before, model.heads["4"].projector.parameters()):
         assert torch.allclose(after, 0.75 * before + 0.25 * source)
 
 
@@ -160,7 +172,7 @@ def test_moco_loss_and_gradient_use_the_queue_before_this_steps_keys():
     model = SiameseForPreTraining(tiny_config("moco", queue_size=16)).train()
     source, target = global_views(model.config, batch_size=4)
     for step in range(3):  # the queue snapshot is reused from step to step
-        queue_before = model.queue.clone()
+        queue_before = model.heads["4"].queue.clone()
         output = model(source_pixel_values=source, target_pixel_values=target)
         prediction = output.source_predictions[0]
         expected = model.criterion(prediction, output.target_embeddings[0], queue_before)
@@ -168,7 +180,7 @@ def test_moco_loss_and_gradient_use_the_queue_before_this_steps_keys():
         (gradient,) = torch.autograd.grad(output.loss, prediction, retain_graph=True)
         (expected_gradient,) = torch.autograd.grad(expected, prediction)
         assert torch.allclose(gradient, expected_gradient, atol=1e-7)
-        assert torch.equal(model.queue[4 * step : 4 * step + 4], output.target_embeddings[0].detach())
+        assert torch.equal(model.heads["4"].queue[4 * step : 4 * step + 4], output.target_embeddings[0].detach())
         output.loss.backward()
         model.zero_grad()
 
@@ -184,30 +196,30 @@ def test_two_moco_forwards_before_one_backward_is_refused_not_wrong():
 
 def test_queue_enqueues_in_fifo_order_and_wraps_around():
     model = SiameseForPreTraining(tiny_config("moco", queue_size=12))
-    initial = model.queue.clone()
+    initial = model.heads["4"].queue.clone()
     assert torch.allclose(initial.norm(dim=1), torch.ones(12))
     keys = [torch.full((4, 32), float(i)) for i in range(1, 5)]
-    model._enqueue(keys[0])
-    assert torch.equal(model.queue[:4], keys[0]) and torch.equal(model.queue[4:], initial[4:])
-    assert int(model.queue_ptr) == 4
-    model._enqueue(keys[1])
-    model._enqueue(keys[2])
-    assert int(model.queue_ptr) == 0  # wrapped around
-    model._enqueue(keys[3])  # overwrites the oldest
-    assert torch.equal(model.queue[:4], keys[3]) and torch.equal(model.queue[4:8], keys[1])
+    model.heads["4"].enqueue(keys[0])
+    assert torch.equal(model.heads["4"].queue[:4], keys[0]) and torch.equal(model.heads["4"].queue[4:], initial[4:])
+    assert int(model.heads["4"].queue_ptr) == 4
+    model.heads["4"].enqueue(keys[1])
+    model.heads["4"].enqueue(keys[2])
+    assert int(model.heads["4"].queue_ptr) == 0  # wrapped around
+    model.heads["4"].enqueue(keys[3])  # overwrites the oldest
+    assert torch.equal(model.heads["4"].queue[:4], keys[3]) and torch.equal(model.heads["4"].queue[4:8], keys[1])
     with pytest.raises(ValueError, match="queue_size"):
-        model._enqueue(torch.ones(5, 32))
+        model.heads["4"].enqueue(torch.ones(5, 32))
 
 
 def test_queue_receives_the_target_keys_only_in_training():
     model = SiameseForPreTraining(tiny_config("moco", queue_size=16)).train()
     source, target = global_views(model.config, batch_size=8)
     output = model(source, target)
-    assert torch.allclose(model.queue[:8], output.target_embeddings[0])
-    assert int(model.queue_ptr) == 8
+    assert torch.allclose(model.heads["4"].queue[:8], output.target_embeddings[0])
+    assert int(model.heads["4"].queue_ptr) == 8
     model.eval()
     model(source, target)
-    assert int(model.queue_ptr) == 8
+    assert int(model.heads["4"].queue_ptr) == 8
 
 
 def test_image_classification_with_a_frozen_encoder():

@@ -2,9 +2,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from hf_siamese import SiameseConfig
 from hf_siamese.cli import parse_pretraining_args
+from hf_siamese.views import MultiViewTransform
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -68,3 +70,33 @@ def test_every_fashion_mnist_bench_run_is_a_valid_config_with_its_design_on():
     assert combined.multicrop and combined.scalemix and combined.asym_aug and combined.mean_encoding
     assert [configs[name].framework for name in ("byol", "simsiam", "mocov3")] == ["byol", "simsiam", "mocov3"]
     assert list(configs["ladder_byol"].ladder_levels) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("framework", ["byol", "simsiam", "mocov3"])
+def test_another_framework_on_a_recipe_keeps_its_scale_and_views_and_takes_the_framework_defaults(framework, caplog):
+    demo = CONFIGS / "demo_fashion_mnist.yaml"
+    recipe = yaml.safe_load(demo.read_text())
+    config, _, train_args = parse_pretraining_args(["--config", str(demo), "--framework", framework])
+    reference = SiameseConfig(framework=framework)
+    assert config.framework == framework
+    for name in ("queue_size", "temperature", "momentum", "momentum_final", "symmetric_loss", "shuffle_bn"):
+        assert getattr(config, name) == getattr(reference, name), name
+    for name in ("projector_hidden_dim", "projector_dim", "augmentation", "image_mean", "small_image_stem"):
+        assert getattr(config, name) == recipe[name], name
+    assert train_args.learning_rate == recipe["learning_rate"]
+    assert "queue_size" in caplog.text and "--framework" in caplog.text
+
+
+def test_an_explicit_value_survives_a_framework_override():
+    demo = CONFIGS / "demo_fashion_mnist.yaml"
+    config, _, _ = parse_pretraining_args(["--config", str(demo), "--framework", "mocov3", "--temperature", "0.2"])
+    assert config.temperature == 0.2 and config.queue_size == 0
+
+
+def test_another_channel_count_on_a_recipe_drops_its_per_channel_statistics():
+    demo = CONFIGS / "demo_fashion_mnist.yaml"
+    config, _, _ = parse_pretraining_args(["--config", str(demo), "--num_channels", "3"])
+    assert config.num_channels == 3 and config.image_mean is None and config.image_std is None  # ImageNet's
+    assert MultiViewTransform.from_config(config)(Image.new("L", (28, 28)))["source"][0].shape[0] == 3
+    same, _, _ = parse_pretraining_args(["--config", str(demo), "--framework", "moco", "--num_channels", "1"])
+    assert same.queue_size == yaml.safe_load(demo.read_text())["queue_size"] and same.image_mean == [0.2860]

@@ -74,7 +74,7 @@ def test_pretraining_from_an_encoder_checkpoint_starts_target_as_source(tmp_path
     for key, tensor in encoder.state_dict().items():
         assert torch.equal(model.siamese.state_dict()[key], tensor), key
         assert torch.equal(model.target_encoder.state_dict()[key], tensor), key
-    for target, source in zip(model.target_projector.parameters(), model.projector.parameters()):
+    for target, source in zip(model.heads["4"].target_projector.parameters(), model.heads["4"].projector.parameters()):
         assert torch.equal(target, source)
 
 

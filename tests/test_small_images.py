@@ -15,7 +15,7 @@ from hf_siamese.data import seeded_randomness
 from hf_siamese.fashion_mnist import load_fashion_mnist
 from hf_siamese.hub import export_timm
 from hf_siamese.training import PretrainingArguments, train
-from hf_siamese.views import MultiViewTransform, channel_stats
+from hf_siamese.views import MultiViewTransform, channel_stats, collate_views
 
 
 def small_config(framework="byol", image_size=28, **overrides):
@@ -38,10 +38,7 @@ def test_ladder_levels_and_the_dense_term_run_on_the_small_stem():
     model = SiameseForPreTraining(config).train()
     transform = MultiViewTransform.from_config(config)
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (28, 28), np.uint8)) for i in range(4)]
-    samples = [transform(image) for image in images]
-    batch = {key: [torch.stack([s[key][i] for s in samples]) for i in range(len(samples[0][key]))]
-             for key in samples[0]}
-    output = model(batch["source"], batch["target"], batch["source_geometry"], batch["target_geometry"])
+    output = model(**collate_views([transform(image) for image in images]))
     assert sorted(output.level_losses) == [1, 2, 3, 4] and torch.isfinite(output.loss)
     output.loss.backward()
 
@@ -100,7 +97,7 @@ def test_the_small_gray_recipe_views_shapes_ranges_and_seeding():
         again = transform(image)
     assert all(torch.equal(a, b) for a, b in zip(views["source"], again["source"]))
     (mean,), (std,) = channel_stats(1, None, None)
-    for view in views["source"] + views["target"]:
+    for view in views["source"] + views.get("target", []):
         assert view.shape == (1, 28, 28) and view.dtype == torch.float32
         # Pixels in [0, 1], normalised: [-mean / std, (1 - mean) / std], both ends reached by the random image.
         assert view.min() >= -mean / std - 1e-5 and view.max() <= (1 - mean) / std + 1e-5

@@ -4,10 +4,9 @@ each such read waits for every queued kernel, so one per step costs the overlap 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_config
+from conftest import tiny_config, view_batch
 from torch.overrides import TorchFunctionMode
 
-from bench.train_step import make_views
 from hf_siamese import SiameseForPreTraining
 from hf_siamese.optim import build_optimizer
 from hf_siamese.training import ema_step, training_step
@@ -39,8 +38,10 @@ def with_geometry(batch: dict) -> dict:
     def geometry(views):
         return [torch.tensor([[0.0, 0.0, 1.0, 1.0, float(i % 2)]]).repeat(len(v), 1) for i, v in enumerate(views)]
 
-    return {**batch, "source_geometry": geometry(batch["source_pixel_values"]),
-            "target_geometry": geometry(batch["target_pixel_values"])}
+    geometries = {"source_geometry": geometry(batch["source_pixel_values"])}
+    if "target_pixel_values" in batch:
+        geometries["target_geometry"] = geometry(batch["target_pixel_values"])
+    return {**batch, **geometries}
 
 
 @pytest.mark.parametrize("framework", ["moco", "mocov3", "byol", "simsiam"])
@@ -53,7 +54,7 @@ def test_training_step_reads_nothing_back_to_the_host(framework, design):
     model = SiameseForPreTraining(config)
     optimizer = build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = with_geometry(make_views(config, batch=8))
+    batch = with_geometry(view_batch(config, batch_size=8))
     training_step(accelerator, model, optimizer, batch)  # first step: lazy state (optimizer buffers, queue copy)
     with HostReads() as reads:
         output = training_step(accelerator, model, optimizer, batch)

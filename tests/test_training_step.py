@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_config
+from conftest import tiny_config, view_batch
 
-from bench.train_step import make_views
 from hf_siamese import SiameseForPreTraining
 from hf_siamese.training import training_step
 
@@ -40,7 +39,7 @@ def test_each_optimizer_step_sees_only_its_own_batches_gradients(accumulation):
     optimizer = RecordingSGD([p for p in model.parameters() if p.requires_grad])
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     prepared, prepared_optimizer = accelerator.prepare(model, optimizer)
-    batches = [make_views(config, batch=8, seed=seed) for seed in range(2 * accumulation)]
+    batches = [view_batch(config, batch_size=8, seed=seed) for seed in range(2 * accumulation)]
     for batch in batches:
         training_step(accelerator, prepared, prepared_optimizer, batch)
     assert len(optimizer.seen) == 2

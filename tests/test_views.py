@@ -13,7 +13,8 @@ IMAGE = structured_images(1)[0]
 
 def layout(config):
     views = MultiViewTransform.from_config(config)(IMAGE)
-    return [tuple(v.shape) for v in views["source"]], [tuple(v.shape) for v in views["target"]], views
+    target = [tuple(v.shape) for v in views["target"]] if "target" in views else None
+    return [tuple(v.shape) for v in views["source"]], target, views
 
 
 G, L = (3, 32, 32), (3, 16, 16)
@@ -40,14 +41,15 @@ def test_view_layout_for_every_design_and_framework(framework, design):
     num_local = fields.get("multicrop_num_local", 0)
     per_group = fields.get("mean_encoding_views", 1)
     assert source == [G] * directions + [L] * num_local
-    assert target == [G] * (directions * per_group)
+    same_views = config.symmetric_loss and not fields.get("asym_aug") and per_group == 1 and not fields.get("scalemix")
+    assert target == (None if same_views else [G] * (directions * per_group))
 
 
-def test_symmetric_baseline_shares_view_tensors_between_branches():
+def test_symmetric_baseline_gives_its_global_views_to_both_branches_by_omitting_targets():
     _, _, views = layout(tiny_config("byol"))
-    assert views["target"][0] is views["source"][0] and views["target"][1] is views["source"][1]
+    assert "target" not in views and len(views["source"]) == 2
     _, _, moco_views = layout(tiny_config("moco"))
-    assert moco_views["target"][0] is not moco_views["source"][0]
+    assert len(moco_views["target"]) == 1
 
 
 def test_scale_mix_with_probability_one_changes_every_source_view():
@@ -79,7 +81,9 @@ def test_views_report_their_crop_geometry_when_asked():
     config = tiny_config("byol", ladder_levels=[3, 4], ladder_dense_weight=1.0)
     image = structured_images(1, size=40)[0]
     views = MultiViewTransform.from_config(config)(image)
-    assert len(views["source_geometry"]) == 2 and len(views["target_geometry"]) == 2
+    assert len(views["source_geometry"]) == 2 and "target_geometry" not in views  # the targets are the source's
+    moco_views = MultiViewTransform.from_config(tiny_config("moco", ladder_levels=[3, 4], ladder_dense_weight=1.0))(image)
+    assert len(moco_views["source_geometry"]) == len(moco_views["target_geometry"]) == 1
     for geometry in views["source_geometry"]:
         top, left, height, width, flipped = geometry.tolist()
         assert 0 <= top and 0 <= left and top + height <= 1 + 1e-6 and left + width <= 1 + 1e-6
@@ -107,14 +111,16 @@ def test_grayscale_images_and_models():
     assert rgb_input["source"][0].shape[0] == 1
 
 
-def test_collate_stacks_positions_and_keeps_shared_views_shared():
+def test_collate_stacks_positions_and_names_them_as_the_model_does():
     transform = MultiViewTransform.from_config(tiny_config("simsiam"))
     batch = collate_views([transform(image) for image in structured_images(4)])
+    assert list(batch) == ["source_pixel_values"]
     assert [tuple(v.shape) for v in batch["source_pixel_values"]] == [(4, *G)] * 2
-    assert batch["target_pixel_values"][0] is batch["source_pixel_values"][0]
     moco = MultiViewTransform.from_config(tiny_config("moco"))
-    moco_batch = collate_views([moco(image) for image in structured_images(4)])
-    assert moco_batch["target_pixel_values"][0] is not moco_batch["source_pixel_values"][0]
+    samples = [moco(image) for image in structured_images(4)]
+    moco_batch = collate_views(samples)
+    assert list(moco_batch) == ["source_pixel_values", "target_pixel_values"]
+    assert torch.equal(moco_batch["target_pixel_values"][0][2], samples[2]["target"][0])
 
 
 def _collate_reporting_shared_memory(samples):
