@@ -4,7 +4,7 @@
     python run_linear_probe.py --model_name_or_path outputs/demo --dataset_name fashion_mnist \
         [--protocol cached|augmented] [--probe_levels last|all|1,2,last] [--knn_k 20,200]
 
-A thin command line over `hf_siamese.evaluation.run_linear_probe`; `--help` lists every field.
+A thin command line over `hf_siamese.linear_probe.run_linear_probe`; `--help` lists every field.
 """
 
 import logging
@@ -12,7 +12,7 @@ import logging
 from transformers import HfArgumentParser
 
 import hf_siamese  # noqa: F401  (registers the Auto classes)
-from hf_siamese.evaluation import ProbeArguments, format_results, run_linear_probe
+from hf_siamese.linear_probe import ProbeArguments, format_results, run_linear_probe
 
 
 def main(argv: list[str] | None = None) -> None:

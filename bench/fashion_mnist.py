@@ -44,7 +44,7 @@ import torch
 from hf_siamese import SiameseConfig, SiameseModel
 from hf_siamese.cli import MODEL_FIELDS, load_recipe, parse_pretraining_args
 from hf_siamese.data import DataArguments
-from hf_siamese.evaluation import ProbeArguments, run_linear_probe, summarise
+from hf_siamese.linear_probe import ProbeArguments, run_linear_probe, summarise
 from hf_siamese.fashion_mnist import load_fashion_mnist
 from hf_siamese.metrics import classification_accuracy
 from hf_siamese.probing import Features, ProbeSchedule, fit_cached_probe, knn_classify, predict

@@ -8,7 +8,7 @@ and ``train``; ``run_linear_probe.main``; the API's ``hf_siamese.data.open_image
 * ``error``: a clear error; the case also requires the message to name the culprit (file, column, field, row);
 * ``stopped``: a diverged run stopped with its last good checkpoint intact and loadable.
 
-``ok`` is whether that is the expected outcome. The test suite runs the same cases (tests/test_fault_matrix.py).
+``ok`` is whether that is the expected outcome. The test suite runs the same cases (tests/bench/test_fault_matrix_bench.py).
 
     python bench/fault_matrix.py [--cases truncated_png/train,nan_loss/train]
 """

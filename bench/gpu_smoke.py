@@ -366,7 +366,7 @@ def finished_run(output_dir: Path) -> dict:
     """What a finished run left: logged steps and losses, training_run.json, the saved tensors' dtypes."""
     from safetensors.torch import load_file
 
-    from hf_siamese.hub import TRAINING_RUN
+    from hf_siamese.model_card import TRAINING_RUN
 
     records = [r for r in logged_records(output_dir) if "loss" in r]
     summary = {"steps": [r["step"] for r in records], "losses": [r["loss"] for r in records]}

@@ -107,8 +107,8 @@ class _ViewsBatchNorm(torch.autograd.Function):
 
 class _ViewBatchNorm(PerViewStatistics):
     """A plain BatchNorm whose per-view forward is :class:`_ViewsBatchNorm` in training on CPU, for contiguous
-    inputs with fp32 statistics (where it is measured), and elsewhere one BatchNorm call per view, concatenated
-    (under torch.compile, which fuses the copies)."""
+    inputs with fp32 statistics, and elsewhere one BatchNorm call per view, concatenated (under torch.compile,
+    which fuses the copies)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

@@ -340,7 +340,7 @@ def _pair(config, name: str) -> tuple[float, float]:
 
 
 def _require_backbone(name: str) -> None:
-    import timm  # deferred: importing timm costs about a second, and configs are read in many places
+    import timm  # deferred: importing timm is slow, and configs are read in many places
 
     if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(

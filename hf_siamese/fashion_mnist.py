@@ -65,7 +65,8 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def _encode_png(images: np.ndarray) -> list[bytes]:
-    """Grayscale PNG files of ``images`` (N, H, W) uint8: a direct encoder, ~3x faster than PIL for tiny images."""
+    """Grayscale PNG files of ``images`` (N, H, W) uint8, written directly: PIL's per-image overhead dominates at
+    28 x 28."""
     _, height, width = images.shape
     header = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
     end = _png_chunk(b"IEND", b"")

@@ -32,13 +32,13 @@ from .checkpointing import (
 )
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
-from .hub import (
-    TRAINING_RUN, check_timm_exportable, export_timm, push_folder, save_image_processor, write_model_card,
-)
+from .hub import push_folder, save_image_processor
 from .levels import check_queue_fits
+from .model_card import TRAINING_RUN, write_model_card
 from .modeling_siamese import SiameseForPreTraining
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
+from .timm_export import check_timm_exportable, export_timm
 from .variance import VarianceMonitor
 from .views import MultiViewTransform
 
@@ -447,12 +447,10 @@ def views_to_device(batch: dict, device: torch.device, channels_last: bool = Fal
 def training_step(accelerator: Accelerator, model, optimizer, batch: dict, max_grad_norm: float | None = None):
     """Forward, backward and (once gradients are accumulated) the optimizer step on one batch of views.
 
-    Without accumulation the previous step's gradients are freed between the forward and the backward, so the
-    backward takes their memory back. Freed right after the optimizer step, their memory goes to the next
-    forward's activations and the backward maps fresh pages: on CPU (glibc) a ResNet-50 ladder step then faults
-    in about 300 MB, 5% of the step. With accumulation they must live until the cycle's last backward, and are
-    freed after the optimizer step. No host-device synchronisation: the loss stays on the device. Returns the
-    model's output.
+    Without accumulation the previous step's gradients are freed between the forward and the backward, so that
+    the backward reuses their memory instead of mapping fresh pages; with accumulation they live until the
+    cycle's last backward and are freed after the optimizer step. No host-device synchronisation: the loss stays
+    on the device. Returns the model's output.
     """
     accumulating = accelerator.gradient_accumulation_steps > 1
     with accelerator.accumulate(model):

@@ -283,8 +283,7 @@ class SeparableGaussianBlur(v2.GaussianBlur):
     """torchvision's ``GaussianBlur`` (same sigma draw, same kernel) computed as a row pass and a column pass.
 
     torchvision convolves with the full ``k x k`` kernel; a Gaussian is separable, so two 1-D passes give the same
-    image, up to rounding in a few pixels per 100,000, with ``2k`` instead of ``k^2`` multiply-adds: about 5x faster
-    for BYOL's 23 px kernel at 224 px, where the blur was the costliest step of the view pipeline.
+    image (up to rounding) with ``2k`` instead of ``k^2`` multiply-adds per pixel.
     """
 
     def transform(self, inpt, params: dict):

@@ -11,7 +11,8 @@ from images import structured_images
 from isolation import run_without_hf_siamese
 
 from hf_siamese import SiameseForPreTraining
-from hf_siamese.hub import export_timm, loss_curve_svg, write_model_card
+from hf_siamese.model_card import loss_curve_svg, write_model_card
+from hf_siamese.timm_export import export_timm
 
 
 @pytest.mark.parametrize("backbone,channels", [("resnet18", 1), ("vit_tiny_patch16_224", 3)])

@@ -16,7 +16,7 @@ from transformers import TimmWrapperConfig, TimmWrapperImageProcessor, TimmWrapp
 
 import run_linear_probe
 from hf_siamese import SiameseModel
-from hf_siamese.evaluation import ProbeArguments, load_encoder, parse_levels
+from hf_siamese.linear_probe import ProbeArguments, load_encoder, parse_levels
 from hf_siamese.probing import InputSpec
 
 ROOT = Path(__file__).resolve().parents[1]

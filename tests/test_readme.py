@@ -18,6 +18,6 @@ def test_readme_quick_start_runs_as_written(tmp_path):
 
 
 def test_readme_cites_what_the_model_card_cites():
-    from hf_siamese.hub import CITATIONS
+    from hf_siamese.model_card import CITATIONS
 
     assert CITATIONS in README.read_text()  # one source for both

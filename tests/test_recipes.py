@@ -52,26 +52,6 @@ def test_asym_siam_recipes_state_the_published_top1(name, published):
     assert (config.queue_size, config.temperature, config.momentum) == (65536, 0.2, 0.999)
 
 
-def test_every_fashion_mnist_bench_run_is_a_valid_config_with_its_design_on():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", CONFIGS.parent / "bench/fashion_mnist.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    configs = {name: SiameseConfig(**fields) for name, fields in bench.RUNS.items()}
-    assert len(configs) == 11
-    assert configs["moco_baseline"].to_dict() == parse_pretraining_args(
-        ["--config", str(CONFIGS / "fashion_mnist_imagenet_stem_moco.yaml")])[0].to_dict()  # the ImageNet-stem recipe
-    designs = {"multicrop": "multicrop", "scalemix": "scalemix", "asymaug": "asym_aug", "asymbn": "asym_bn",
-               "meanenc": "mean_encoding"}
-    for suffix, field in designs.items():
-        assert getattr(configs[f"moco_{suffix}"], field) and not getattr(configs["moco_baseline"], field)
-    combined = configs["moco_combined"]
-    assert combined.multicrop and combined.scalemix and combined.asym_aug and combined.mean_encoding
-    assert [configs[name].framework for name in ("byol", "simsiam", "mocov3")] == ["byol", "simsiam", "mocov3"]
-    assert list(configs["ladder_byol"].ladder_levels) == [1, 2, 3, 4]
-
-
 @pytest.mark.parametrize("framework", ["byol", "simsiam", "mocov3"])
 def test_another_framework_on_a_recipe_keeps_its_scale_and_views_and_takes_the_framework_defaults(framework, caplog):
     demo = CONFIGS / "demo_fashion_mnist.yaml"

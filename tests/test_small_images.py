@@ -13,7 +13,7 @@ import hf_siamese  # noqa: F401  (registers the Auto classes)
 from hf_siamese import SiameseForPreTraining, SiameseModel
 from hf_siamese.data import seeded_randomness
 from hf_siamese.fashion_mnist import load_fashion_mnist
-from hf_siamese.hub import export_timm
+from hf_siamese.timm_export import export_timm
 from hf_siamese.training import PretrainingArguments, train
 from hf_siamese.views import MultiViewTransform, channel_stats, collate_views
 
@@ -134,29 +134,3 @@ def test_the_online_knn_bank_comes_from_its_own_split(tmp_path, monkeypatch):
     bank = {np.asarray(row["image"]).tobytes() for row in online_knn.bank}
     queries = {np.asarray(row["image"]).tobytes() for row in online_knn.queries}
     assert (len(bank), len(queries)) == (20, 10) and not bank & queries  # no query finds itself in the bank
-
-
-def test_the_bench_table_states_each_runs_budget_and_thins_its_curve(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench/fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("bench_fashion_mnist", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    record = {"run": "small_moco", "split": "test", "set": "", "steps": 1600, "epochs": 6.83, "pretrain_seconds": 1830,
-              "images_per_s": 224.0, "knn_curve": [[100 * i, 114.0 * i, 0.7 + 0.005 * i] for i in range(1, 17)],
-              "knn20_top1": 0.8512, "knn200_top1": 0.8234, "linear_top1": 0.8701}
-    results = tmp_path / "results.jsonl"
-    results.write_text(json.dumps(record) + "\n")
-    row = bench.small_table(results).splitlines()[-1]
-    # 16 points thinned to every 4th, the last kept; minutes from the clock's seconds
-    assert row == ("| small_moco | test | - | 1600 | 6.83 | 30.5 | 224.0 | 7.6: 72.0, 15.2: 74.0, 22.8: 76.0, "
-                   "30.4: 78.0 | 85.12 | 82.34 | 87.01 |")
-    assert bench._curve_by_minute([[100, 60, 0.5], [200, 120, 0.6], [300, 180, 0.7]], points=2) == "2.0: 60.0, 3.0: 70.0"
-    # The README's table: test-set runs with a probe only, validation runs and proxies left out.
-    validation = {**record, "split": "validation", "run": "small_byol"}
-    proxy = {**record, "probe": False, "run": "small_simsiam"}
-    results.write_text("".join(json.dumps(r) + "\n" for r in (record, validation, proxy)))
-    assert bench.results_table(results).splitlines()[2:] == ["| moco | 1600 | 6.83 | 30.5 | 224.0 | 85.12 | 82.34 | 87.01 |"]

@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from .data import FASHION_MNIST, DataArguments, load_raw_dataset
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
-from .hub import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
+from .model_card import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
 from .views import EVAL_CROP_PCT
