@@ -109,7 +109,7 @@ def pretrain(name: str, steps: int, seed: int, output_dir: Path) -> dict:
 def probe(model_dir: Path, probe_epochs: int) -> dict:
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=str(model_dir), dataset_name="fashion_mnist", num_train_epochs=probe_epochs,
-        output_dir=str(model_dir), disable_tqdm=True,
+        output_dir=str(model_dir), disable_tqdm=True, pictures=False,
     ))
     return summarise(results)
 
@@ -162,7 +162,7 @@ def probe_split(model_dir: Path, args: argparse.Namespace) -> dict:
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=str(model_dir), dataset_name="fashion_mnist", train_split=train_split,
         eval_split=eval_split, num_train_epochs=args.probe_epochs, output_dir=str(model_dir), disable_tqdm=True,
-        dataloader_num_workers=2, mixed_precision=PROBE_PRECISION,
+        dataloader_num_workers=2, mixed_precision=PROBE_PRECISION, pictures=False,
     ))
     return {**summarise(results), "probe_precision": PROBE_PRECISION}
 

@@ -7,6 +7,7 @@ accuracies through the shipped ``evaluate`` metrics -> ``eval_results.json`` and
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .model_card import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
+from .pictures import write_pictures
 from .views import EVAL_CROP_PCT
 from .probing import (
     LAST,
@@ -85,6 +87,10 @@ class ProbeArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the heads' init, batch order and augmentation."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where eval_results.json goes (default: the model directory if local)."}
+    )
+    pictures: bool = field(
+        default=True, metadata={"help": "Draw a nearest-neighbour gallery and a 2-D map of the evaluation features "
+                                        "(needs matplotlib) next to eval_results.json."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own modeling code."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
@@ -170,14 +176,15 @@ def load_encoder(args: ProbeArguments) -> tuple[torch.nn.Module, InputSpec]:
 
 def run_linear_probe(args: ProbeArguments) -> list[dict]:
     """Probe ``args.model_name_or_path``; returns the result records (also written to ``eval_results.json``)."""
+    output_dir = _output_dir(args)
     with torch.random.fork_rng(devices=[]):  # the probe's seed, without touching the caller's random state
         torch.manual_seed(args.seed)
-        results = _probe(args)
-    _write_results(args, results)
+        results, pictures = _probe(args, output_dir)
+    _write_results(args, output_dir, results, pictures)
     return results
 
 
-def _probe(args: ProbeArguments) -> list[dict]:
+def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | None]:
     model, spec = load_encoder(args)
     levels = parse_levels(args.probe_levels, model)
     stages = [level for level in levels if level != LAST]
@@ -217,7 +224,35 @@ def _probe(args: ProbeArguments) -> list[dict]:
         for name, value in classification_accuracy(logits, eval_features.labels).items():
             results.append({"metric": f"{name}_accuracy", "value": value, "protocol": args.protocol, "level": level,
                             "epochs": args.num_train_epochs, **common})
-    return results
+    pictures = _pictures(args, output_dir, train_features, eval_features, (train_raw, eval_raw), spec, num_classes)
+    return results, pictures
+
+
+def _pictures(args: ProbeArguments, output_dir: Path, train: Features | None, evaluation: Features, raw: tuple,
+              spec: InputSpec, num_classes: int) -> dict | None:
+    """The gallery and the map of the last level, drawn from the features already extracted."""
+    if not args.pictures:
+        return None
+    if train is None:
+        logger.warning("Pictures skipped: the augmented protocol without kNN extracts no training features.")
+        return None
+    started = time.perf_counter()
+    bank_images, images = (LabelledImages(split, lambda image: image, num_channels=spec.num_channels,
+                                          label_column=args.label_column, image_column=args.image_column)
+                           for split in raw)
+    pictures = write_pictures(output_dir, train.features, train.labels, evaluation.features, evaluation.labels,
+                              lambda index: bank_images[index][0], lambda index: images[index][0],
+                              _class_names(raw[0], args.label_column, num_classes), seed=args.seed)
+    if pictures:
+        pictures["seconds"] = round(time.perf_counter() - started, 1)
+        logger.info("Drew %s and %s in %s in %.1f s", pictures["gallery"], pictures["embedding_map"], output_dir,
+                    pictures["seconds"])
+    return pictures
+
+
+def _class_names(raw, label_column: str, num_classes: int) -> list[str]:
+    names = getattr((raw.features or {}).get(label_column), "names", None)
+    return list(names) if names else [str(label) for label in range(num_classes)]
 
 
 def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: list[Level],
@@ -251,8 +286,8 @@ def _num_classes(train_raw, eval_raw, label_column: str) -> int:
     return max(labels) + 1
 
 
-def _write_results(args: ProbeArguments, results: list[dict]) -> Path:
-    """Merge ``results`` into ``eval_results.json`` (a rerun of a probe replaces its records) and the model card."""
+def _output_dir(args: ProbeArguments) -> Path:
+    """Where the results go: ``output_dir``, else the model's own directory, else a folder for the Hub id."""
     model_dir = Path(args.model_name_or_path)
     if args.output_dir:
         output_dir = Path(args.output_dir)
@@ -261,12 +296,21 @@ def _write_results(args: ProbeArguments, results: list[dict]) -> Path:
     else:  # a Hub id: a folder of its own, so that two models' results never mix
         output_dir = Path("outputs/linear_probe") / args.model_name_or_path.replace("/", "__")
     output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def _write_results(args: ProbeArguments, output_dir: Path, results: list[dict], pictures: dict | None) -> Path:
+    """Merge ``results`` into ``eval_results.json`` (a rerun of a probe replaces its records) and the model card."""
+    model_dir = Path(args.model_name_or_path)
     path = output_dir / EVAL_RESULTS
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    earlier = saved.get("results", []) if saved.get("model_name_or_path") == args.model_name_or_path else []
+    same_model = saved.get("model_name_or_path") == args.model_name_or_path
+    earlier = saved.get("results", []) if same_model else []
     replaced = {_record_identity(record) for record in results}
     merged = [record for record in earlier if _record_identity(record) not in replaced] + results
-    path.write_text(json.dumps({"model_name_or_path": args.model_name_or_path, "results": merged}, indent=2))
+    written = {"model_name_or_path": args.model_name_or_path, "results": merged}
+    pictures = pictures or (saved.get("pictures") if same_model else None)
+    path.write_text(json.dumps({**written, **({"pictures": pictures} if pictures else {})}, indent=2))
     if output_dir.resolve() == model_dir.resolve():  # the model's own directory: its card shows the results
         if is_siamese_model_dir(model_dir):
             write_model_card(model_dir)

@@ -84,7 +84,8 @@ def write_model_card(model_dir: str | Path, model_id: str | None = None) -> Mode
     model_dir = Path(model_dir)
     config = SiameseConfig.from_pretrained(model_dir)
     run = _read_json(model_dir / TRAINING_RUN) or {}
-    records = (_read_json(model_dir / EVAL_RESULTS) or {}).get("results", [])
+    evaluation = _read_json(model_dir / EVAL_RESULTS) or {}
+    records = evaluation.get("results", [])
     losses = _loss_points(model_dir / METRICS)
     if losses:
         (model_dir / LOSS_CURVE).write_text(loss_curve_svg(losses))
@@ -100,13 +101,23 @@ def write_model_card(model_dir: str | Path, model_id: str | None = None) -> Mode
         f"# {model_id}",
         _summary(config),
         "## Training\n\n" + _training_table(config, run) + (f"\n\n![Pretraining loss]({LOSS_CURVE})" if losses else ""),
-        "## Evaluation\n\n" + _evaluation_table(records),
+        "## Evaluation\n\n" + _evaluation_table(records) + _pictures(model_dir, evaluation.get("pictures")),
         "## Usage\n\n" + _usage(model_id),
         "## Citation\n\n" + CITATIONS,
     ])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
     card.save(model_dir / "README.md")
     return card
+
+
+def _pictures(model_dir: Path, pictures: dict | None) -> str:
+    """The probe's gallery and map, when they are in the model directory."""
+    if not pictures or not all((model_dir / pictures[key]).is_file() for key in ("gallery", "embedding_map")):
+        return ""
+    return (f"\n\n![Nearest training images of evaluation images]({pictures['gallery']})\n\n"
+            f"Each row: an evaluation image, then its nearest training images by the kNN probe's cosine similarity (red: "
+            f"another class).\n\n![{pictures['map_method']} of the evaluation features]({pictures['embedding_map']})\n\n"
+            f"{pictures['map_method']} of {pictures['map_points']} evaluation images' features, coloured by class.")
 
 
 def _read_json(path: Path):

@@ -68,6 +68,11 @@ def main() -> None:
     print(f"Linear-probe top-1 on the Fashion-MNIST test set: {summary['linear_top1']:.2%}, kNN (k=20) "
           f"{summary['knn20_top1']:.2%} (chance 10%).")
     print(f"Hub-ready model (weights, config, modeling code, image processor, eval_results.json): {summary['model_dir']}")
+    pictures = json.loads(Path(result.output_dir, "eval_results.json").read_text()).get("pictures")
+    if pictures:
+        print(f"What the encoder learned, in its model card too: nearest neighbours {summary['model_dir']}/"
+              f"{pictures['gallery']}, {pictures['map_method']} map {summary['model_dir']}/{pictures['embedding_map']} "
+              f"(drawn in {pictures['seconds']} s).")
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})")
 
 

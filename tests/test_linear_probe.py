@@ -56,7 +56,7 @@ def probe(model_dir, data, *extra) -> list[dict]:
     run_linear_probe.main([
         "--model_name_or_path", str(model_dir), "--train_data_files", data["train"], "--eval_data_files",
         data["test"], "--num_train_epochs", "30", "--per_device_train_batch_size", "16", "--learning_rate", "4.0",
-        "--disable_tqdm", "true", *extra,
+        "--disable_tqdm", "true", "--pictures", "false", *extra,
     ])
     return json.loads((Path(model_dir) / "eval_results.json").read_text())["results"]
 
