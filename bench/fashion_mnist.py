@@ -157,14 +157,19 @@ def pretrain_recipe(recipe: Path, args: argparse.Namespace, output_dir: Path) ->
             "knn_curve": [[r["step"], r["seconds"], r["knn_top1"]] for r in records if "knn_top1" in r]}
 
 
-def probe_split(model_dir: Path, args: argparse.Namespace) -> dict:
+def probe_split(model_dir: Path, args: argparse.Namespace, probe_levels: str = "last") -> dict:
+    """kNN and linear probe of the run's split; with ``probe_levels`` beyond the last, each level's in ``levels``."""
     train_split, eval_split = SPLITS[args.split]
     results = run_linear_probe(ProbeArguments(
         model_name_or_path=str(model_dir), dataset_name="fashion_mnist", train_split=train_split,
         eval_split=eval_split, num_train_epochs=args.probe_epochs, output_dir=str(model_dir), disable_tqdm=True,
-        dataloader_num_workers=2, mixed_precision=PROBE_PRECISION, pictures=False,
+        dataloader_num_workers=2, mixed_precision=PROBE_PRECISION, pictures=False, probe_levels=probe_levels,
     ))
-    return {**summarise(results), "probe_precision": PROBE_PRECISION}
+    summary = {**summarise(results), "probe_precision": PROBE_PRECISION}
+    levels = sorted({record["level"] for record in results} - {"last"})
+    if levels:
+        summary["levels"] = {str(level): summarise(results, level) for level in levels}
+    return summary
 
 
 def run_small(name: str, args: argparse.Namespace) -> dict:

@@ -357,14 +357,15 @@ class _CheckDivergence(_AfterStep):
 
 
 class _MeasureVariance(_AfterStep):
-    """The source/target variance (Wang et al. 2022) every `variance_steps`."""
+    """The source/target variance (Wang et al. 2022) every `variance_steps`, off the training clock."""
 
     def __init__(self, run: _Run, monitor: VarianceMonitor):
         super().__init__(run, run.args.variance_steps)
         self.monitor = monitor
 
     def __call__(self, done: _StepDone) -> None:
-        self.run.metrics.log({"step": done.step, **self.monitor.measure(self.run.unwrapped).as_dict()})
+        with self.run.metrics.paused():
+            self.run.metrics.log({"step": done.step, **self.monitor.measure(self.run.unwrapped).as_dict()})
 
 
 class _MeasureOnlineKNN(_AfterStep):

@@ -1,0 +1,219 @@
+"""The papers' claims at CPU scale: every asymmetric design and the ladder against its baseline, over seeds.
+
+Each run is a small-track recipe of Fashion-MNIST (``configs/fashion_mnist_moco.yaml`` or
+``configs/fashion_mnist_byol.yaml``) with one design switched on, pretrained for ``--steps`` on the 60,000 training
+images and probed once on the 10,000 test images (kNN k = 20 and 200, linear probe); the source/target variance
+(Wang et al. 2022, Sec. 3.3) is measured at the last step, the online kNN (validation queries) along the way, and
+BYOL and Ladder-BYOL are probed at every stage. Runs of one seed share the data order and the encoder's initial
+weights, so a design's difference to its baseline is paired by seed. One JSON line per (run, seed) in ``--results``; finished
+runs are skipped and an unfinished one resumes from its checkpoint, so the sweep runs in parts and in the
+background:
+
+    nohup python bench/designs.py --seeds 0,1,2 > designs.log 2>&1 &
+    python bench/designs.py --runs moco_baseline,moco_multicrop --seeds 0
+    python bench/designs.py --report     # the table (mean, std, paired 95% intervals) and the plot
+
+Design settings follow configs/asym_moco_*_r50.yaml, scaled to 28 px images: MultiCrop's local crops are 2 of
+14 px at scale (0.05, 0.25) with global crops at (0.2, 1) (the small-track validation run of MultiCrop), MeanEnc
+averages 2 target views. Ladder-BYOL puts a loss at every stage with equal weights (Yoshihashi et al. 2022).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import fashion_mnist as track  # noqa: E402
+
+MULTICROP = ("--multicrop true --multicrop_num_local 2 --multicrop_local_size 14 "
+             "--multicrop_local_scale '[0.05, 0.25]' --multicrop_global_scale '[0.2, 1.0]'")
+MEANENC = "--mean_encoding true --mean_encoding_views 2"
+# name -> (recipe framework, recipe overrides, the baseline it is compared with)
+DESIGNS: dict[str, tuple[str, str, str | None]] = {
+    "moco_baseline": ("moco", "", None),
+    "moco_multicrop": ("moco", MULTICROP, "moco_baseline"),
+    "moco_scalemix": ("moco", "--scalemix true", "moco_baseline"),
+    "moco_asymaug": ("moco", "--asym_aug true", "moco_baseline"),
+    "moco_asymbn": ("moco", "--asym_bn true", "moco_baseline"),
+    "moco_meanenc": ("moco", MEANENC, "moco_baseline"),
+    "moco_combined": ("moco", f"{MULTICROP} --scalemix true --asym_aug true {MEANENC}", "moco_baseline"),
+    "byol": ("byol", "", None),
+    "ladder_byol": ("byol", "--ladder_levels '[1, 2, 3, 4]'", "byol"),
+}
+STAGE_PROBED = ("byol", "ladder_byol")
+# Two-sided 95% quantiles of Student's t by degrees of freedom (paired differences over n seeds: n - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_args(name: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
+    """The small track's arguments for one design run."""
+    _, overrides, _ = DESIGNS[name]
+    every = args.eval_every_ladder if name in STAGE_PROBED else args.eval_every
+    return argparse.Namespace(split="test", set=f"{overrides} --variance_steps {args.steps}".strip(),
+                              steps=args.steps, seed=seed, eval_every=every, checkpoint_every=args.checkpoint_every,
+                              probe_epochs=args.probe_epochs)
+
+
+def measure(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Pretrain and probe one design run; its record."""
+    framework = DESIGNS[name][0]
+    run = run_args(name, seed, args)
+    model_dir = args.work_dir / f"{name}-seed{seed}-steps{args.steps}"
+    record = {"bench": "designs", "run": name, "seed": seed, "steps": args.steps, "set": run.set,
+              "probe_epochs": args.probe_epochs}
+    record.update(track.pretrain_recipe(ROOT / f"configs/fashion_mnist_{framework}.yaml", run, model_dir))
+    record.update(last_variance(model_dir / "metrics.jsonl"))
+    record.update(track.probe_split(model_dir, run, "all" if name in STAGE_PROBED else "last"))
+    shutil.rmtree(model_dir)  # measured: its record holds what it showed
+    return record
+
+
+def last_variance(metrics: Path) -> dict:
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    last = [record for record in records if "variance/ratio" in record][-1]
+    return {key.replace("/", "_"): round(last[key], 5) for key in ("variance/source", "variance/target", "variance/ratio")}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95% t-interval (``nan`` with one pair)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan
+    return mean, T95[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def summary_rows(records: list[dict], metric: str) -> list[dict]:
+    """Per design: mean and std of ``metric`` over seeds, and its paired difference to the baseline."""
+    by_run: dict[str, dict[int, dict]] = {}
+    for record in records:
+        by_run.setdefault(record["run"], {})[record["seed"]] = record
+    rows = []
+    for name, (_, _, baseline) in DESIGNS.items():
+        seeds = by_run.get(name, {})
+        if not seeds:
+            continue
+        values = [100 * seeds[s][metric] for s in sorted(seeds)]
+        row = {"run": name, "seeds": sorted(seeds), "mean": statistics.fmean(values),
+               "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+               "ratio": statistics.fmean(seeds[s]["variance_ratio"] for s in seeds),
+               "minutes": statistics.fmean(seeds[s]["pretrain_seconds"] for s in seeds) / 60}
+        paired = sorted(set(seeds) & set(by_run.get(baseline, {}))) if baseline else []
+        if paired:
+            differences = [100 * (seeds[s][metric] - by_run[baseline][s][metric]) for s in paired]
+            row["difference"], row["interval"] = paired_interval(differences)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(records: list[dict]) -> str:
+    knn, linear = summary_rows(records, "knn20_top1"), summary_rows(records, "linear_top1")
+    lines = ["| run | seeds | min | kNN k=20 | vs baseline | linear | vs baseline | V_t / V_s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k_row, l_row in zip(knn, linear):
+        lines.append(f"| {k_row['run']} | {len(k_row['seeds'])} | {k_row['minutes']:.1f} | {_mean_std(k_row)} | "
+                     f"{_difference(k_row)} | {_mean_std(l_row)} | {_difference(l_row)} | {k_row['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def _mean_std(row: dict) -> str:
+    return f"{row['mean']:.2f}" + ("" if math.isnan(row["std"]) else f" ± {row['std']:.2f}")
+
+
+def _difference(row: dict) -> str:
+    if "difference" not in row:
+        return "-"
+    interval = "" if math.isnan(row["interval"]) else f" ± {row['interval']:.2f}"
+    return f"{row['difference']:+.2f}{interval}"
+
+
+def stage_table(records: list[dict]) -> str:
+    """BYOL and Ladder-BYOL probed at every stage (mean over seeds)."""
+    lines = ["| run | stage | kNN k=20 | linear |", "|---|---|---|---|"]
+    for name in STAGE_PROBED:
+        runs = [record for record in records if record["run"] == name and "levels" in record]
+        for level in sorted({level for record in runs for level in record["levels"]}, key=int):
+            knn = statistics.fmean(100 * r["levels"][level]["knn20_top1"] for r in runs)
+            linear = statistics.fmean(100 * r["levels"][level]["linear_top1"] for r in runs)
+            lines.append(f"| {name} | {level} | {knn:.2f} | {linear:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> Path:
+    """Paired differences to the baseline with their intervals, and BYOL vs Ladder-BYOL online kNN."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    figure, (differences, curves) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    for offset, (metric, label) in enumerate((("knn20_top1", "kNN k=20"), ("linear_top1", "linear"))):
+        rows = [row for row in summary_rows(records, metric) if "difference" in row]
+        positions = [index + 0.2 * (2 * offset - 1) for index in range(len(rows))]
+        errors = [0 if math.isnan(row["interval"]) else row["interval"] for row in rows]
+        differences.errorbar(positions, [row["difference"] for row in rows], yerr=errors, fmt="o", capsize=3,
+                             label=label)
+        differences.set_xticks(range(len(rows)), [row["run"] for row in rows], rotation=30, ha="right", fontsize=8)
+    differences.axhline(0, color="grey", linewidth=0.8)
+    differences.set_ylabel("difference to the baseline (points, 95% paired interval)")
+    differences.legend(fontsize=8)
+    for name in STAGE_PROBED:
+        runs = [record for record in records if record["run"] == name]
+        if runs:
+            steps = [point[0] for point in runs[0]["knn_curve"]]
+            mean = [statistics.fmean(100 * r["knn_curve"][i][2] for r in runs) for i in range(len(steps))]
+            curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds)")
+    curves.set_xlabel("step")
+    curves.set_ylabel("online kNN top-1 (validation queries)")
+    curves.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(DESIGNS), help=f"Comma-separated subset of {', '.join(DESIGNS)}.")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--eval_every", type=int, default=100, help="Online kNN every N steps.")
+    parser.add_argument("--eval_every_ladder", type=int, default=50, help="Online kNN of BYOL and Ladder-BYOL.")
+    parser.add_argument("--checkpoint_every", type=int, default=100)
+    parser.add_argument("--probe_epochs", type=int, default=90)
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs/bench_designs")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench/results/designs.jsonl")
+    parser.add_argument("--report", action="store_true", help="Only print the tables and draw the plot.")
+    args = parser.parse_args()
+    records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    if args.report:
+        path = plot(records, args.results.with_suffix(".png"))
+        print(json.dumps({"plot": str(path)}))
+        print(markdown_table(records) + "\n\n" + stage_table(records))
+        return
+    unknown = set(args.runs.split(",")) - set(DESIGNS)
+    if unknown:
+        parser.error(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(DESIGNS)}")
+    done = {(r["run"], r["seed"], r["steps"], r["probe_epochs"]) for r in records}
+    for seed in (int(s) for s in args.seeds.split(",")):  # seed-major: every design gets seed 0 first
+        for name in args.runs.split(","):
+            if (name, seed, args.steps, args.probe_epochs) in done:
+                continue
+            record = {**measure(name, seed, args), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                      "date": datetime.date.today().isoformat()}
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            with args.results.open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+            print(json.dumps({k: v for k, v in record.items() if not k.endswith("_curve")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

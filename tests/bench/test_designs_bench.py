@@ -1,0 +1,62 @@
+"""bench/designs.py: every run is the recipe with its design on, and the analysis pairs seeds correctly."""
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import designs
+from hf_siamese.cli import parse_pretraining_args
+
+ROOT = Path(__file__).resolve().parents[2]
+SWITCHES = {"moco_multicrop": ["multicrop"], "moco_scalemix": ["scalemix"], "moco_asymaug": ["asym_aug"],
+            "moco_asymbn": ["asym_bn"], "moco_meanenc": ["mean_encoding"],
+            "moco_combined": ["multicrop", "scalemix", "asym_aug", "mean_encoding"]}
+
+
+@pytest.mark.parametrize("name", list(designs.DESIGNS))
+def test_every_run_is_its_recipe_with_its_design_on_and_measures_the_variance(name):
+    framework, _, baseline = designs.DESIGNS[name]
+    run = designs.run_args(name, seed=1, args=argparse.Namespace(
+        steps=500, eval_every=100, eval_every_ladder=50, checkpoint_every=100, probe_epochs=90))
+    config, _, train_args = parse_pretraining_args(
+        ["--config", str(ROOT / f"configs/fashion_mnist_{framework}.yaml"), *shlex.split(run.set)])
+    assert config.framework == framework and train_args.variance_steps == 500
+    for field in SWITCHES.get(name, []):
+        assert getattr(config, field), field
+    others = set().union(*SWITCHES.values()) - set(SWITCHES.get(name, []))
+    assert not any(getattr(config, field) for field in others)
+    assert (len(config.ladder_levels or [4]) == 4) == (name == "ladder_byol")
+    assert baseline is None or designs.DESIGNS[baseline][0] == framework
+
+
+def record(run: str, seed: int, knn: float, linear: float, ratio: float = 0.9) -> dict:
+    return {"run": run, "seed": seed, "knn20_top1": knn, "linear_top1": linear, "variance_ratio": ratio,
+            "pretrain_seconds": 600.0, "knn_curve": [[50, 10.0, knn - 0.1], [100, 20.0, knn]],
+            "levels": {"1": {"knn20_top1": 0.5, "linear_top1": 0.6}}}
+
+
+def test_differences_are_paired_by_seed_with_a_t_interval():
+    records = [record("moco_baseline", s, 0.80 + 0.01 * s, 0.85) for s in range(3)]
+    records += [record("moco_scalemix", s, 0.81 + 0.01 * s + 0.001 * s, 0.84) for s in range(3)]
+    rows = {row["run"]: row for row in designs.summary_rows(records, "knn20_top1")}
+    scalemix = rows["moco_scalemix"]
+    # paired differences 1.0, 1.1, 1.2 points: mean 1.1, std 0.1, half-width 4.303 * 0.1 / sqrt(3)
+    assert scalemix["difference"] == pytest.approx(1.1)
+    assert scalemix["interval"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert "difference" not in rows["moco_baseline"]
+    unpaired = [r for r in records if not (r["run"] == "moco_baseline" and r["seed"] == 2)]
+    assert designs.summary_rows(unpaired, "knn20_top1")[1]["seeds"] == [0, 1, 2]
+    assert designs.summary_rows(unpaired, "knn20_top1")[1]["difference"] == pytest.approx(1.05)  # seeds 0 and 1
+    table = designs.markdown_table(records).splitlines()
+    assert table[3] == "| moco_scalemix | 3 | 10.0 | 82.10 ± 1.10 | +1.10 ± 0.25 | 84.00 ± 0.00 | -1.00 ± 0.00 | 0.900 |"
+
+
+def test_the_report_draws_the_differences_and_the_ladder_curves(tmp_path):
+    records = [record(run, s, 0.8, 0.85) for run in ("moco_baseline", "moco_asymbn", "byol", "ladder_byol")
+               for s in range(2)]
+    path = designs.plot(records, tmp_path / "designs.png")
+    assert Image.open(path).size == (1200, 450)
+    assert "| ladder_byol | 1 | 50.00 | 60.00 |" in designs.stage_table(records)
