@@ -366,6 +366,11 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
                 f"`source_pixel_values` needs at least {num_groups} global view(s) for framework "
                 f"{self.config.framework!r} (symmetric_loss={self.config.symmetric_loss}), got {len(source_pixel_values)}."
             )
+        if target_pixel_values is None and not self.config.symmetric_loss:
+            raise ValueError(
+                f"`target_pixel_values` is required with one loss direction (framework {self.config.framework!r}): "
+                "the target view must be another view of the image than the source's."
+            )
         if target_pixel_values is None:
             groups = [[view] for view in source_pixel_values[:num_groups]]
             geometry = None if source_geometry is None else source_geometry[:num_groups]

@@ -127,6 +127,9 @@ def test_view_count_errors_name_the_argument():
         model([a], [a, b])
     with pytest.raises(ValueError, match="target_pixel_values"):
         model([a, b], [a, b, a])
+    moco = SiameseForPreTraining(tiny_config("moco"))
+    with pytest.raises(ValueError, match="`target_pixel_values` is required with one loss direction"):
+        moco([a])
 
 
 def test_momentum_update_extremes():
