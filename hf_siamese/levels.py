@@ -41,7 +41,7 @@ class SourceOutput:
             [None] * chunks if value is None else value.chunk(chunks) for value in values))]
 
     def as_target(self) -> "Target":
-        """This output as a normalised target under stop-gradient (SimSiam's target of a view the source encoded)."""
+        """These projections as a target under stop-gradient (SimSiam's target of a view the source encoded)."""
         return Target(self.projection.detach(), None if self.cell_projection is None else self.cell_projection.detach())
 
 
