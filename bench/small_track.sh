@@ -14,4 +14,4 @@ run --runs small_mocov3 --steps 950    # ~135 images/s
 run --runs small_byol --steps 900      # ~126 images/s
 run --runs small_simsiam --steps 950
 # The 2-hour budget: MoCo, level with MoCo v3 in online kNN (validation queries) at 30 minutes and 1.8x cheaper per step.
-run --runs small_moco --steps 6300 --eval_every 300 --checkpoint_every 200   # ~116 min at ~231 images/s
+run --runs small_moco --steps 5200 --eval_every 400 --checkpoint_every 200   # ~96 min at 231 images/s, ~112 at 198
