@@ -91,10 +91,16 @@ class LevelHeads(nn.Module):
             return SourceOutput(projection, prediction)
         return SourceOutput(projection, prediction, *_project(self.dense_projector, self.dense_predictor, features.cells))
 
+    @property
+    def target_heads(self) -> tuple[nn.Module, nn.Module | None]:
+        """The projector and dense projector that make targets: the EMA copies, or SimSiam's own."""
+        if self.target_projector is None:
+            return self.projector, self.dense_projector
+        return self.target_projector, self.target_dense_projector
+
     def project_target(self, features: LevelFeatures) -> Target:
         """The target heads' (un-normalised) projections."""
-        projector = self.target_projector if self.target_projector is not None else self.projector
-        dense_projector = self.target_dense_projector if self.target_dense_projector is not None else self.dense_projector
+        projector, dense_projector = self.target_heads
         cells = None if features.cells is None else _per_cell(dense_projector, features.cells)
         return Target(projector(features.pooled), cells)
 

@@ -271,10 +271,8 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
 
     def target_branch(self) -> tuple["SiameseModel", nn.Module]:
         """The encoder and last-level projector that make targets: the EMA copies, or SimSiam's source ones."""
-        heads = self.level_heads(self.levels[-1])
-        if self.target_encoder is None:
-            return self.siamese, heads.projector
-        return self.target_encoder, heads.target_projector
+        encoder = self.target_encoder if self.target_encoder is not None else self.siamese
+        return encoder, self.level_heads(self.levels[-1]).target_heads[0]
 
     def queue_buffer_names(self) -> list[str]:
         """Names of MoCo's queue buffers (queues and pointers of every level), identical on every process by
@@ -468,7 +466,7 @@ class SiameseForPreTraining(SiamesePreTrainedModel):
         (MeanEnc normalises them together) and the cell projections of its first view (the others' cells do not
         line up with it). Groups share a pass with `batch_views`, except under shuffling BN, which permutes each
         group's batch on its own as MoCo does."""
-        encoder = self.target_encoder if self.target_encoder is not None else self.siamese
+        encoder, _ = self.target_branch()
 
         def encode(pixels: torch.Tensor) -> dict[int, Target]:
             features = self._level_features(encoder, pixels)
@@ -599,17 +597,21 @@ def legacy_key_mapping(last_level: int) -> dict[str, str]:
     return mapping
 
 
+def legacy_key(name: str, last_level: int) -> str:
+    """``name`` of the layout with one attribute per head kind in the per-level layout (other names unchanged)."""
+    for pattern, replacement in legacy_key_mapping(last_level).items():
+        if re.search(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return name
+
+
 def _rename_legacy_keys(model: "SiameseForPreTraining", state_dict: dict, prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook (training checkpoints): old-layout keys renamed in place."""
-    mapping = legacy_key_mapping(model.levels[-1])
     for key in [key for key in state_dict if key.startswith(prefix)]:
-        name = key[len(prefix):]
-        for pattern, replacement in mapping.items():
-            renamed = re.sub(pattern, replacement, name)
-            if renamed != name:
-                state_dict[prefix + renamed] = state_dict.pop(key)
-                model.loaded_legacy_layout = True
-                break
+        renamed = legacy_key(key[len(prefix):], model.levels[-1])
+        if renamed != key[len(prefix):]:
+            state_dict[prefix + renamed] = state_dict.pop(key)
+            model.loaded_legacy_layout = True
 
 
 def _last_level(config: SiameseConfig) -> int:

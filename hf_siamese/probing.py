@@ -183,19 +183,20 @@ def knn_classify(train: Features, test_features: torch.Tensor, *, k: int = 20, t
         [0, 1]
     """
     num_classes = num_classes or int(train.labels.max()) + 1
-    predictions = []
-    for queries in test_features.split(chunk_size):
-        similarity, index = nearest_neighbours(train.at(level), queries, k)
-        votes = torch.zeros(len(queries), num_classes)
-        votes.scatter_add_(1, train.labels[index], (similarity / temperature).exp())
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
+    similarity, index = nearest_neighbours(train.at(level), test_features, k, chunk_size)
+    votes = torch.zeros(len(test_features), num_classes)
+    votes.scatter_add_(1, train.labels[index], (similarity / temperature).exp())
+    return votes.argmax(dim=1)
 
 
-def nearest_neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities and indices ``[Q, k]`` of each query's ``k`` nearest ``bank`` rows, nearest first."""
-    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    return similarity.topk(min(k, len(bank)), dim=1)
+def nearest_neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int,
+                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and indices ``[Q, k]`` of each query's ``k`` nearest ``bank`` rows, nearest first;
+    ``chunk_size`` queries at a time, so that the similarity matrix stays small."""
+    bank = F.normalize(bank, dim=1)
+    k = min(k, len(bank))
+    chunks = [(queries @ bank.T).topk(k, dim=1) for queries in F.normalize(queries, dim=1).split(chunk_size)]
+    return torch.cat([similarity for similarity, _ in chunks]), torch.cat([index for _, index in chunks])
 
 
 class ProbeHeads(nn.Module):

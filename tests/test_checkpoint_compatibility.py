@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from hf_siamese import SiameseConfig, SiameseForPreTraining
-from hf_siamese.modeling_siamese import legacy_key_mapping
+from hf_siamese.modeling_siamese import legacy_key
 
 FIXTURES = Path(__file__).parent / "fixtures/legacy_layout"
 CASES = ["moco_ladder_dense", "byol_ladder_dense"]
@@ -29,11 +29,8 @@ def fixture_inputs():
                 source_geometry=geometry, target_geometry=geometry)
 
 
-def renamed(key: str, last_level: int = 4) -> str:
-    for pattern, replacement in legacy_key_mapping(last_level).items():
-        if re.search(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return key
+def renamed(key: str) -> str:
+    return legacy_key(key, last_level=4)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -85,7 +82,7 @@ def test_the_encoder_of_an_old_layout_checkpoint_loads_with_automodel():
 
 
 def legacy_name(key: str, last_level: int) -> str:
-    """``key`` as the older layout named it (the inverse of ``legacy_key_mapping``)."""
+    """``key`` as the older layout named it (the inverse of ``legacy_key``)."""
     match = re.fullmatch(r"heads\.(\d+)\.([a-z_]+)(\..*)?", key)
     if match is None:
         return key
