@@ -3,11 +3,12 @@
 Each run is a small-track recipe of Fashion-MNIST (``configs/fashion_mnist_moco.yaml`` or
 ``configs/fashion_mnist_byol.yaml``) with one design switched on, pretrained for ``--steps`` on the 60,000 training
 images and probed once on the 10,000 test images (kNN k = 20 and 200, linear probe); the source/target variance
-(Wang et al. 2022, Sec. 3.3) is measured at the last step, the online kNN (validation queries) along the way, and
-BYOL and Ladder-BYOL are probed at every stage. Runs of one seed share the data order and the encoder's initial
-weights, so a design's difference to its baseline is paired by seed. One JSON line per (run, seed) in ``--results``; finished
-runs are skipped and an unfinished one resumes from its checkpoint, so the sweep runs in parts and in the
-background:
+(Wang et al. 2022, Sec. 3.3) of the views each design trains on is measured at the last step, the online kNN
+along the way (2,000 queries of train[50000:] against a bank of train[:50000]: labels the pretraining never
+reads, images it does), and BYOL and Ladder-BYOL are probed at every stage. Runs of one seed share the data order
+and the encoder's initial weights, so a design's difference to its baseline is paired by seed. One JSON line per
+(run, seed) in ``--results``; finished runs are skipped and an unfinished one resumes from its checkpoint, and a
+failing run is reported at the end without stopping the others, so the sweep runs in parts and in the background:
 
     nohup python bench/designs.py --seeds 0,1,2 > designs.log 2>&1 &
     python bench/designs.py --runs moco_baseline,moco_multicrop --seeds 0
@@ -21,6 +22,7 @@ averages 2 target views. Ladder-BYOL puts a loss at every stage with equal weigh
 import argparse
 import datetime
 import json
+import logging
 import math
 import platform
 import shutil
@@ -64,17 +66,19 @@ def run_args(name: str, seed: int, args: argparse.Namespace) -> argparse.Namespa
                               probe_epochs=args.probe_epochs)
 
 
+def model_dir(name: str, seed: int, args: argparse.Namespace) -> Path:
+    return args.work_dir / f"{name}-seed{seed}-steps{args.steps}"
+
+
 def measure(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Pretrain and probe one design run; its record."""
     framework = DESIGNS[name][0]
-    run = run_args(name, seed, args)
-    model_dir = args.work_dir / f"{name}-seed{seed}-steps{args.steps}"
+    run, directory = run_args(name, seed, args), model_dir(name, seed, args)
     record = {"bench": "designs", "run": name, "seed": seed, "steps": args.steps, "set": run.set,
               "probe_epochs": args.probe_epochs}
-    record.update(track.pretrain_recipe(ROOT / f"configs/fashion_mnist_{framework}.yaml", run, model_dir))
-    record.update(last_variance(model_dir / "metrics.jsonl"))
-    record.update(track.probe_split(model_dir, run, "all" if name in STAGE_PROBED else "last"))
-    shutil.rmtree(model_dir)  # measured: its record holds what it showed
+    record.update(track.pretrain_recipe(ROOT / f"configs/fashion_mnist_{framework}.yaml", run, directory))
+    record.update(last_variance(directory / "metrics.jsonl"))
+    record.update(track.probe_split(directory, run, "1,2,3,4,last" if name in STAGE_PROBED else "last"))
     return record
 
 
@@ -173,7 +177,7 @@ def plot(records: list[dict], path: Path) -> Path:
             mean = [statistics.fmean(100 * r["knn_curve"][i][2] for r in runs) for i in range(len(steps))]
             curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds)")
     curves.set_xlabel("step")
-    curves.set_ylabel("online kNN top-1 (validation queries)")
+    curves.set_ylabel("online kNN top-1 (train[50000:] queries)")
     curves.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -194,6 +198,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="Only print the tables and draw the plot.")
     args = parser.parse_args()
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    records = [r for r in records if (r["steps"], r["probe_epochs"]) == (args.steps, args.probe_epochs)]
     if args.report:
         path = plot(records, args.results.with_suffix(".png"))
         print(json.dumps({"plot": str(path)}))
@@ -202,17 +207,27 @@ def main() -> None:
     unknown = set(args.runs.split(",")) - set(DESIGNS)
     if unknown:
         parser.error(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(DESIGNS)}")
-    done = {(r["run"], r["seed"], r["steps"], r["probe_epochs"]) for r in records}
+    done = {(r["run"], r["seed"], r["set"]) for r in records}
+    failed = []
     for seed in (int(s) for s in args.seeds.split(",")):  # seed-major: every design gets seed 0 first
         for name in args.runs.split(","):
-            if (name, seed, args.steps, args.probe_epochs) in done:
+            if (name, seed, run_args(name, seed, args).set) in done:
                 continue
-            record = {**measure(name, seed, args), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                      "date": datetime.date.today().isoformat()}
+            try:
+                record = measure(name, seed, args)
+            except Exception as error:  # a diverging design must not stop the others; it is retried next time
+                logging.exception("%s, seed %d failed", name, seed)
+                failed.append(f"{name}/seed{seed}: {type(error).__name__}: {error}")
+                continue
+            record.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                          date=datetime.date.today().isoformat())
             args.results.parent.mkdir(parents=True, exist_ok=True)
             with args.results.open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
+            shutil.rmtree(model_dir(name, seed, args))  # recorded: the record holds what it showed
             print(json.dumps({k: v for k, v in record.items() if not k.endswith("_curve")}), flush=True)
+    if failed:
+        sys.exit("Failed runs (kept for resuming):\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ same augmentations, same schedules).
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -260,6 +261,9 @@ def _loop(run: _Run, resume: ResumePoint, actions: list["_AfterStep"]) -> int:
     """Train from ``resume`` to the last step, running each action after the optimizer steps it is due at."""
     step, accelerator = resume.step, run.accelerator
     batches = run.data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
+    if resume.batches_done and step < run.schedule.total_steps:
+        with run.metrics.paused():  # replaying the epoch's batches before the checkpoint is not training time
+            batches = itertools.chain([next(batches)], batches)
     while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
         batch = views_to_device(batch, accelerator.device, run.args.channels_last)

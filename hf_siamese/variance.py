@@ -49,45 +49,61 @@ class VarianceReport:
 class VarianceMonitor:
     """Measures ``V_source``, ``V_target`` and ``rho`` of a [`SiameseForPreTraining`] on a fixed probe set.
 
-    Each probe image is augmented ``num_views`` times by the source transform and by the target transform
-    (callables image -> tensor); the views go through the branch's encoder and projector in training mode, as in
-    training, and BatchNorm statistics are restored afterwards so that measuring does not change the model.
+    The encodings are the ones the design trains on: each probe image goes ``num_draws`` times through the
+    training view transform (image -> ``{"source": [...], "target": [...]}``); every source view is one source
+    encoding (ScaleMix's mixed views and MultiCrop's local crops included) and every group of ``target_group``
+    target views one target encoding (MeanEnc: the normalised mean of the group's projections). Without a
+    ``"target"`` list the targets are the first ``num_global`` source views, one encoding each, as the model takes
+    them. Views go through the branch's encoder and projector in training mode, as in training, and BatchNorm
+    statistics are restored afterwards so that measuring does not change the model.
     """
 
-    def __init__(
-        self,
-        images: list,
-        source_transform: Callable,
-        target_transform: Callable,
-        num_views: int = 4,
-        batch_size: int = 256,
-    ):
+    def __init__(self, images: list, view_transform: Callable[..., dict], *, num_global: int, target_group: int = 1,
+                 num_draws: int = 4, batch_size: int = 256):
         self.images = images
-        self.source_transform = source_transform
-        self.target_transform = target_transform
-        self.num_views = num_views
+        self.view_transform = view_transform
+        self.num_global = num_global
+        self.target_group = target_group
+        self.num_draws = num_draws
         self.batch_size = batch_size
 
     @classmethod
-    def from_view_transform(cls, images: list, view_transform, num_views: int = 4) -> "VarianceMonitor":
-        """Use the first global source and target recipes of a :class:`~hf_siamese.views.MultiViewTransform`."""
-        return cls(images, view_transform.global_source[0], view_transform.global_target[-1], num_views)
+    def from_view_transform(cls, images: list, view_transform, num_draws: int = 4) -> "VarianceMonitor":
+        """For a :class:`~hf_siamese.views.MultiViewTransform`: its global views and MeanEnc group size."""
+        num_directions = 2 if view_transform.symmetric else 1
+        return cls(images, view_transform, num_global=num_directions, target_group=view_transform.mean_encoding_views,
+                   num_draws=num_draws)
 
     @torch.no_grad()
     def measure(self, model) -> VarianceReport:
-        source = self._branch_variance(*model.source_branch(), self.source_transform)
-        target = self._branch_variance(*model.target_branch(), self.target_transform)
-        return VarianceReport(source=source, target=target)
+        draws = [self._views() for _ in range(self.num_draws)]
+        source = self._encodings(*model.source_branch(), [draw["source"] for draw in draws], group=1)
+        if "target" in draws[0]:
+            target = self._encodings(*model.target_branch(), [draw["target"] for draw in draws], self.target_group)
+        else:
+            target = self._encodings(*model.target_branch(), [draw["source"][: self.num_global] for draw in draws], 1)
+        return VarianceReport(source=float(view_variance(source)), target=float(view_variance(target)))
 
-    def _branch_variance(self, encoder: nn.Module, projector: nn.Module, transform: Callable) -> float:
+    def _views(self) -> dict[str, list[torch.Tensor]]:
+        """One draw of the training views of every probe image, stacked per view position: ``[N, C, H, W]``."""
+        samples = [self.view_transform(image) for image in self.images]
+        return {key: [torch.stack(position) for position in zip(*(sample[key] for sample in samples))]
+                for key in ("source", "target") if key in samples[0]}
+
+    def _encodings(self, encoder: nn.Module, projector: nn.Module, draws: list[list[torch.Tensor]],
+                   group: int) -> torch.Tensor:
+        """``[K, N, D]`` unit encodings: per draw, the mean projection of each group of ``group`` views."""
         device = next(encoder.parameters()).device
-        embeddings = []
+        encodings = []
         with _training_mode_without_side_effects(encoder, projector):
-            for _ in range(self.num_views):
-                views = torch.stack([transform(image) for image in self.images]).to(device)
-                chunks = [projector(encoder(chunk).pooler_output) for chunk in views.split(self.batch_size)]
-                embeddings.append(F.normalize(torch.cat(chunks).float(), dim=-1))
-        return float(view_variance(torch.stack(embeddings)))
+            for views in draws:
+                projections = [self._project(encoder, projector, view.to(device)) for view in views]
+                for start in range(0, len(projections), group):
+                    encodings.append(F.normalize(torch.stack(projections[start:start + group]).mean(0), dim=-1))
+        return torch.stack(encodings)
+
+    def _project(self, encoder: nn.Module, projector: nn.Module, views: torch.Tensor) -> torch.Tensor:
+        return torch.cat([projector(encoder(chunk).pooler_output) for chunk in views.split(self.batch_size)]).float()
 
 
 class _training_mode_without_side_effects:

@@ -2,6 +2,7 @@
 
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,9 +193,83 @@ def test_asym_aug_lowers_target_variance_and_ratio_on_a_random_encoder():
     for asym_aug in (False, True):
         transform = MultiViewTransform.from_config(tiny_config("moco", asym_aug=asym_aug))
         torch.manual_seed(1)
-        reports[asym_aug] = VarianceMonitor.from_view_transform(images, transform, num_views=4).measure(model)
+        reports[asym_aug] = VarianceMonitor.from_view_transform(images, transform, num_draws=4).measure(model)
     assert reports[True].target < reports[False].target
     assert reports[True].ratio < reports[False].ratio
+
+
+class _PoolingEncoder(nn.Module):
+    """Encoder stand-in: the pooled pixels, so that the expected encodings are plain arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the monitor a device
+
+    def forward(self, pixels):
+        return SimpleNamespace(pooler_output=pixels.mean(dim=(2, 3)))
+
+
+class _Branches:
+    def __init__(self):
+        self.encoder = _PoolingEncoder()
+
+    def source_branch(self):
+        return self.encoder, nn.Identity()
+
+    def target_branch(self):
+        return self.encoder, nn.Identity()
+
+
+class _RecordingViews:
+    """A view transform drawing random views of two sizes, each call recorded in order."""
+
+    def __init__(self, with_target: bool):
+        self.with_target, self.calls = with_target, []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, image):
+        def view(size):
+            return torch.randn(4, size, size, generator=self.generator)
+
+        views = {"source": [view(8), view(8), view(4)]}  # two global views and a local crop
+        if self.with_target:
+            views["target"] = [view(8), view(8)]  # one MeanEnc group of two
+        self.calls.append(views)
+        return views
+
+
+def _pooled_unit(views):
+    return F.normalize(torch.stack(views).mean(dim=(2, 3)), dim=-1)
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_variance_monitor_measures_every_source_view_and_each_target_group(with_target):
+    images, draws = list(range(5)), 3
+    transform = _RecordingViews(with_target)
+    monitor = VarianceMonitor(images, transform, num_global=2, target_group=2, num_draws=draws)
+    report = monitor.measure(_Branches())
+    calls = [transform.calls[d * len(images):(d + 1) * len(images)] for d in range(draws)]
+    source = [_pooled_unit([c["source"][p] for c in draw]) for draw in calls for p in range(3)]
+    if with_target:  # the normalised mean of the group's projections
+        target = [F.normalize(sum(torch.stack([c["target"][p] for c in draw]).mean(dim=(2, 3)) for p in range(2)),
+                              dim=-1) for draw in calls]
+    else:  # the global source views, one encoding each (the local crop is not a target)
+        target = [_pooled_unit([c["source"][p] for c in draw]) for draw in calls for p in range(2)]
+    assert report.source == pytest.approx(float(view_variance(torch.stack(source))), rel=1e-5)
+    assert report.target == pytest.approx(float(view_variance(torch.stack(target))), rel=1e-5)
+
+
+def test_mean_encoding_lowers_the_measured_target_variance():
+    torch.manual_seed(0)
+    model = SiameseForPreTraining(tiny_config("moco"))
+    images = textured_images(32, seed=4)
+    reports = {}
+    for views in (1, 3):
+        config = tiny_config("moco", mean_encoding=views > 1, mean_encoding_views=views)
+        torch.manual_seed(1)
+        reports[views] = VarianceMonitor.from_view_transform(images, MultiViewTransform.from_config(config)).measure(model)
+    assert reports[3].target < reports[1].target
+    assert reports[3].source == pytest.approx(reports[1].source, rel=0.2)  # the source side is untouched
 
 
 def test_variance_monitor_leaves_the_model_unchanged():

@@ -18,7 +18,7 @@ from transformers import AutoModel
 
 from hf_siamese import SiameseModel
 from hf_siamese.cli import parse_pretraining_args
-from hf_siamese.data import load_labelled
+from hf_siamese.data import PretrainingData, load_labelled
 from hf_siamese.probing import extract_features, knn_classify
 from hf_siamese.training import completed_checkpoints, train
 
@@ -121,6 +121,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_replaying_the_batches_before_a_checkpoint_is_off_the_clock(parquet_files, tmp_path, monkeypatch):
+    args = ["--framework", "simsiam", "--max_steps", "3", "--checkpointing_steps", "2"]
+    run(common_args(parquet_files, tmp_path, *args))
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["train_seconds"]
+    replay = PretrainingData.batches
+
+    def slow_replay(self, start_epoch=0, start_batch=0):
+        time.sleep(20.0 if start_batch else 0.0)  # as decoding and augmenting the skipped batches (idle)
+        yield from replay(self, start_epoch, start_batch)
+
+    monkeypatch.setattr(PretrainingData, "batches", slow_replay)
+    result = run(common_args(parquet_files, tmp_path, *args, "--resume_from_checkpoint", "latest"))
+    assert saved < result.train_seconds < saved + 20.0  # one step, not the replay
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(parquet_files, tmp_path):

@@ -60,3 +60,42 @@ def test_the_report_draws_the_differences_and_the_ladder_curves(tmp_path):
     path = designs.plot(records, tmp_path / "designs.png")
     assert Image.open(path).size == (1200, 450)
     assert "| ladder_byol | 1 | 50.00 | 60.00 |" in designs.stage_table(records)
+
+
+def test_stage_probed_runs_are_probed_at_every_stage_and_at_the_pooled_output(monkeypatch, tmp_path):
+    asked = {}
+
+    def probe_split(directory, run, levels):
+        asked[directory.name] = levels
+        return {}
+
+    monkeypatch.setattr(designs.track, "pretrain_recipe", lambda recipe, run, directory: {})
+    monkeypatch.setattr(designs, "last_variance", lambda metrics: {})
+    monkeypatch.setattr(designs.track, "probe_split", probe_split)
+    args = argparse.Namespace(steps=500, eval_every=100, eval_every_ladder=50, checkpoint_every=100,
+                              probe_epochs=90, work_dir=tmp_path)
+    for name in ("moco_baseline", "ladder_byol"):
+        designs.measure(name, 0, args)
+    assert asked == {"moco_baseline-seed0-steps500": "last", "ladder_byol-seed0-steps500": "1,2,3,4,last"}
+
+
+def test_a_failing_run_is_reported_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    def measure(name, seed, args):
+        if name == "moco_scalemix":
+            raise FloatingPointError("loss is nan")
+        designs.model_dir(name, seed, args).mkdir(parents=True)  # the checkpoint directory of a finished run
+        return {"run": name, "seed": seed, "steps": args.steps, "probe_epochs": args.probe_epochs,
+                "set": designs.run_args(name, seed, args).set}
+
+    results = tmp_path / "designs.jsonl"
+    monkeypatch.setattr(designs, "measure", measure)
+    monkeypatch.setattr("sys.argv", ["designs.py", "--runs", "moco_baseline,moco_scalemix,moco_asymbn", "--seeds", "0",
+                                     "--results", str(results), "--work_dir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit, match="moco_scalemix/seed0: FloatingPointError: loss is nan"):
+        designs.main()
+    assert [line.count('"moco_') for line in results.read_text().splitlines()] == [1, 1]
+    assert not any((tmp_path / "work").iterdir())  # recorded runs' checkpoints are removed, after the record
+    monkeypatch.setattr("sys.argv", ["designs.py", "--runs", "moco_baseline,moco_asymbn", "--seeds", "0",
+                                     "--results", str(results), "--work_dir", str(tmp_path / "work")])
+    designs.main()  # both recorded: nothing runs again
+    assert len(results.read_text().splitlines()) == 2
