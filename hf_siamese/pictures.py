@@ -113,7 +113,7 @@ def _draw_gallery(pyplot, path: Path, gallery: Gallery, bank_labels: torch.Tenso
             _show(axes[row, column], bank_image(neighbour), class_names[label], colour)
     figure.suptitle(f"{k} nearest training images of each query (cosine similarity, as the kNN probe); "
                     "red: another class", fontsize=8)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))  # 0.3 inch above the grid for the title
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
 
