@@ -267,7 +267,7 @@ def plot_knn_curves(results_path: Path) -> Path:
     curves = [record for record in map(json.loads, results_path.read_text().splitlines()) if record.get("knn_curve")]
     for index, record in enumerate(curves):
         _, seconds, knn = zip(*record["knn_curve"])
-        label = f"{record['run']} {record.get('set', '')}".strip()
+        label = f"{record['run']} ({record['steps']} steps) {record.get('set', '')}".strip()
         style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has ten colours
         axes.plot([s / 60 for s in seconds], [k * 100 for k in knn], marker="o", linestyle=style, label=label)
     axes.set(xlabel="training minutes (2 CPU cores)", ylabel="online kNN top-1 (%)",
