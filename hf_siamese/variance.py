@@ -70,18 +70,16 @@ class VarianceMonitor:
     @classmethod
     def from_view_transform(cls, images: list, view_transform, num_draws: int = 4) -> "VarianceMonitor":
         """For a :class:`~hf_siamese.views.MultiViewTransform`: its global views and MeanEnc group size."""
-        num_directions = 2 if view_transform.symmetric else 1
-        return cls(images, view_transform, num_global=num_directions, target_group=view_transform.mean_encoding_views,
-                   num_draws=num_draws)
+        return cls(images, view_transform, num_global=view_transform.num_directions,
+                   target_group=view_transform.mean_encoding_views, num_draws=num_draws)
 
     @torch.no_grad()
     def measure(self, model) -> VarianceReport:
         draws = [self._views() for _ in range(self.num_draws)]
         source = self._encodings(*model.source_branch(), [draw["source"] for draw in draws], group=1)
-        if "target" in draws[0]:
-            target = self._encodings(*model.target_branch(), [draw["target"] for draw in draws], self.target_group)
-        else:
-            target = self._encodings(*model.target_branch(), [draw["source"][: self.num_global] for draw in draws], 1)
+        shared = "target" not in draws[0]  # the targets are the global source views, one encoding each
+        targets = [draw["source"][: self.num_global] if shared else draw["target"] for draw in draws]
+        target = self._encodings(*model.target_branch(), targets, group=1 if shared else self.target_group)
         return VarianceReport(source=float(view_variance(source)), target=float(view_variance(target)))
 
     def _views(self) -> dict[str, list[torch.Tensor]]:
