@@ -126,7 +126,7 @@ class SiameseConfig(PreTrainedConfig):
             `small_gray` (28-32 px one-channel images: brightness/contrast, a 3 px blur, no colour operations).
         crop_min_scale (`float`, *optional*):
             Lower bound of the global crops' RandomResizedCrop scale (recipe default: 0.2 mocov2, 0.08 byol, 0.2
-            small_gray).
+            small_gray). Not with MultiCrop, whose global crops use `multicrop_global_scale`.
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation per channel; ImageNet's when unset (their mean for one channel).
         multicrop (`bool`): MultiCrop: `multicrop_num_local` source-only crops of `multicrop_local_size` px at

@@ -154,6 +154,9 @@ class MultiViewTransform:
     ):
         if recipe not in RECIPES:
             raise ValueError(f"`augmentation` must be one of {sorted(RECIPES)}, got {recipe!r}.")
+        if multicrop_num_local and crop_min_scale is not None:
+            raise ValueError(f"`crop_min_scale` ({crop_min_scale}) does not apply with MultiCrop, whose global crops use "
+                             f"`multicrop_global_scale` ({list(multicrop_global_scale)}); set that instead.")
         self.num_channels = num_channels
         self.symmetric = symmetric
         self.num_local = multicrop_num_local

@@ -77,6 +77,12 @@ def test_multicrop_switches_global_scale_and_local_scale():
     assert MultiViewTransform.from_config(tiny_config("byol")).global_source[0].scale == (0.08, 1.0)
 
 
+def test_crop_min_scale_with_multicrop_is_refused_naming_the_field_that_applies():
+    config = tiny_config("moco", multicrop=True, multicrop_local_size=16, crop_min_scale=0.08)
+    with pytest.raises(ValueError, match="`crop_min_scale`.*`multicrop_global_scale`"):
+        MultiViewTransform.from_config(config)
+
+
 def test_views_report_their_crop_geometry_when_asked():
     config = tiny_config("byol", ladder_levels=[3, 4], ladder_dense_weight=1.0)
     image = structured_images(1, size=40)[0]
