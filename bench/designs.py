@@ -178,7 +178,8 @@ def plot(records: list[dict], path: Path) -> Path:
             curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds)")
     curves.set_xlabel("step")
     curves.set_ylabel("online kNN top-1 (train[50000:] queries)")
-    curves.legend(fontsize=8)
+    if curves.lines:  # BYOL and Ladder-BYOL may not have run yet
+        curves.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
