@@ -70,7 +70,7 @@ class VarianceMonitor:
     @classmethod
     def from_view_transform(cls, images: list, view_transform, num_draws: int = 4) -> "VarianceMonitor":
         """For a :class:`~hf_siamese.views.MultiViewTransform`: its global views and MeanEnc group size."""
-        return cls(images, view_transform, num_global=view_transform.num_directions,
+        return cls(images, view_transform, num_global=view_transform.num_target_groups,
                    target_group=view_transform.mean_encoding_views, num_draws=num_draws)
 
     @torch.no_grad()

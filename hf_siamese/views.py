@@ -204,13 +204,13 @@ class MultiViewTransform:
         )
 
     @property
-    def num_directions(self) -> int:
-        """Global source views per image: one per loss direction."""
+    def num_target_groups(self) -> int:
+        """Global source views per image, one per loss direction: the config's ``num_target_groups``."""
         return 2 if self.symmetric else 1
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, list[torch.Tensor]]:
         image = self._as_pil(image)
-        num_directions = self.num_directions
+        num_directions = self.num_target_groups
         # Which recipe each branch uses per direction: symmetric -> view d in both branches; one direction ->
         # source takes recipe 1, target recipe 2 (two independent views, as MoCo's query and key).
         source_recipes = list(range(num_directions))
