@@ -28,6 +28,7 @@ import platform
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,7 +79,9 @@ def measure(name: str, seed: int, args: argparse.Namespace) -> dict:
               "probe_epochs": args.probe_epochs}
     record.update(track.pretrain_recipe(ROOT / f"configs/fashion_mnist_{framework}.yaml", run, directory))
     record.update(last_variance(directory / "metrics.jsonl"))
+    started = time.perf_counter()
     record.update(track.probe_split(directory, run, "1,2,3,4,last" if name in STAGE_PROBED else "last"))
+    record["probe_seconds"] = round(time.perf_counter() - started, 1)
     return record
 
 
@@ -138,6 +141,34 @@ def _difference(row: dict) -> str:
         return "-"
     interval = "" if math.isnan(row["interval"]) else f" ± {row['interval']:.2f}"
     return f"{row['difference']:+.2f}{interval}"
+
+
+def ratio_ordering(records: list[dict], metric: str) -> float:
+    """Spearman correlation, over the designs, of V_t/V_s with the paired difference (the paper expects < 0)."""
+    rows = [row for row in summary_rows(records, metric) if "difference" in row and DESIGNS[row["run"]][0] == "moco"]
+    if len(rows) < 3:
+        return math.nan
+    return statistics.correlation(_ranks([row["ratio"] for row in rows]), _ranks([row["difference"] for row in rows]))
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(values)
+    return [order.index(value) + (order.count(value) + 1) / 2 for value in values]
+
+
+def compute_line(records: list[dict]) -> str:
+    """The sweep's total compute; probes that predate their timing are counted at the median probe's time."""
+    pretrain = sum(record["pretrain_seconds"] for record in records) / 3600
+    timed = [record["probe_seconds"] for record in records if "probe_seconds" in record]
+    untimed = len(records) - len(timed)
+    threads = max((record.get("cpu_threads", 1) for record in records), default=1)
+    if not timed:
+        return f"{len(records)} runs: {pretrain:.2f} h of pretraining on {threads} cores (probes not timed)"
+    probe = (sum(timed) + untimed * statistics.median(timed)) / 3600
+    estimated = f", {untimed} of them at the median timed probe" if untimed else ""
+    return (f"{len(records)} runs: {pretrain:.2f} h of pretraining + {probe:.2f} h of probes{estimated} = "
+            f"{pretrain + probe:.2f} h on {threads} cores ({threads * (pretrain + probe):.1f} CPU-hours)")
 
 
 def stage_table(records: list[dict]) -> str:
@@ -203,7 +234,11 @@ def main() -> None:
     if args.report:
         path = plot(records, args.results.with_suffix(".png"))
         print(json.dumps({"plot": str(path)}))
-        print(markdown_table(records) + "\n\n" + stage_table(records))
+        print(markdown_table(records) + "\n\n" + stage_table(records) + "\n")
+        for metric in ("knn20_top1", "linear_top1"):
+            print(f"Spearman(V_t/V_s, {metric} difference) over the MoCo designs: "
+                  f"{ratio_ordering(records, metric):+.2f}")
+        print(compute_line(records))
         return
     unknown = set(args.runs.split(",")) - set(DESIGNS)
     if unknown:

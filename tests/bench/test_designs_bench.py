@@ -1,6 +1,7 @@
 """bench/designs.py: every run is the recipe with its design on, and the analysis pairs seeds correctly."""
 
 import argparse
+import math
 import shlex
 from pathlib import Path
 
@@ -54,6 +55,28 @@ def test_differences_are_paired_by_seed_with_a_t_interval():
     assert table[3] == "| moco_scalemix | 3 | 10.0 | 82.10 ± 1.10 | +1.10 ± 0.25 | 84.00 ± 0.00 | -1.00 ± 0.00 | 0.900 |"
 
 
+def test_the_variance_ordering_is_a_rank_correlation_over_the_moco_designs():
+    ratios = {"moco_multicrop": 0.5, "moco_scalemix": 0.7, "moco_asymaug": 0.9, "moco_asymbn": 1.1}
+    records = [record("moco_baseline", 0, 0.80, 0.85, ratio=1.0), record("byol", 0, 0.7, 0.7, ratio=0.1),
+               record("ladder_byol", 0, 0.9, 0.9, ratio=9.0)]
+    # accuracy falls as the ratio rises, as the paper says, except that scalemix and asymaug swap places
+    gains = {"moco_multicrop": 0.04, "moco_scalemix": 0.02, "moco_asymaug": 0.03, "moco_asymbn": 0.01}
+    records += [record(name, 0, 0.80 + gains[name], 0.85 - gains[name], ratio) for name, ratio in ratios.items()]
+    assert designs.ratio_ordering(records, "knn20_top1") == pytest.approx(-0.8)  # 1 - 6 * 18 / (4 * 15)
+    assert designs.ratio_ordering(records, "linear_top1") == pytest.approx(0.8)
+    assert designs._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert math.isnan(designs.ratio_ordering(records[:5], "knn20_top1"))  # two designs: no ordering to read
+
+
+def test_the_compute_line_counts_untimed_probes_at_the_median_timed_one():
+    records = [{**record("moco_baseline", s, 0.8, 0.85), "cpu_threads": 2} for s in range(3)]
+    assert designs.compute_line(records) == "3 runs: 0.50 h of pretraining on 2 cores (probes not timed)"
+    records[1]["probe_seconds"], records[2]["probe_seconds"] = 360.0, 180.0
+    # pretraining 1,800 s; probes 360 + 180 + the median 270 for the untimed one = 810 s
+    assert designs.compute_line(records) == ("3 runs: 0.50 h of pretraining + 0.23 h of probes, 1 of them at the "
+                                             "median timed probe = 0.72 h on 2 cores (1.4 CPU-hours)")
+
+
 def test_the_report_draws_the_differences_and_the_ladder_curves(tmp_path):
     records = [record(run, s, 0.8, 0.85) for run in ("moco_baseline", "moco_asymbn", "byol", "ladder_byol")
                for s in range(2)]
@@ -75,7 +98,7 @@ def test_stage_probed_runs_are_probed_at_every_stage_and_at_the_pooled_output(mo
     args = argparse.Namespace(steps=500, eval_every=100, eval_every_ladder=50, checkpoint_every=100,
                               probe_epochs=90, work_dir=tmp_path)
     for name in ("moco_baseline", "ladder_byol"):
-        designs.measure(name, 0, args)
+        assert designs.measure(name, 0, args)["probe_seconds"] >= 0
     assert asked == {"moco_baseline-seed0-steps500": "last", "ladder_byol-seed0-steps500": "1,2,3,4,last"}
 
 
