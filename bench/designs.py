@@ -232,17 +232,27 @@ def main() -> None:
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     records = [r for r in records if (r["steps"], r["probe_epochs"]) == (args.steps, args.probe_epochs)]
     if args.report:
-        path = plot(records, args.results.with_suffix(".png"))
-        print(json.dumps({"plot": str(path)}))
-        print(markdown_table(records) + "\n\n" + stage_table(records) + "\n")
-        for metric in ("knn20_top1", "linear_top1"):
-            print(f"Spearman(V_t/V_s, {metric} difference) over the MoCo designs: "
-                  f"{ratio_ordering(records, metric):+.2f}")
-        print(compute_line(records))
+        report(records, args.results.with_suffix(".png"))
         return
     unknown = set(args.runs.split(",")) - set(DESIGNS)
     if unknown:
         parser.error(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(DESIGNS)}")
+    failed = sweep(records, args)
+    if failed:
+        sys.exit("Failed runs (kept for resuming):\n" + "\n".join(failed))
+
+
+def report(records: list[dict], plot_path: Path) -> None:
+    """Print the tables, the rank correlations and the compute, and draw the plot."""
+    print(json.dumps({"plot": str(plot(records, plot_path))}))
+    print(markdown_table(records) + "\n\n" + stage_table(records) + "\n")
+    for metric in ("knn20_top1", "linear_top1"):
+        print(f"Spearman(V_t/V_s, {metric} difference) over the MoCo designs: {ratio_ordering(records, metric):+.2f}")
+    print(compute_line(records))
+
+
+def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
+    """Run every (seed, design) not yet in ``records``, appending each record; the runs that failed."""
     done = {(r["run"], r["seed"], r["set"]) for r in records}
     failed = []
     for seed in (int(s) for s in args.seeds.split(",")):  # seed-major: every design gets seed 0 first
@@ -262,9 +272,7 @@ def main() -> None:
                 stream.write(json.dumps(record) + "\n")
             shutil.rmtree(model_dir(name, seed, args))  # recorded: the record holds what it showed
             print(json.dumps({k: v for k, v in record.items() if not k.endswith("_curve")}), flush=True)
-    if failed:
-        sys.exit("Failed runs (kept for resuming):\n" + "\n".join(failed))
-
+    return failed
 
 if __name__ == "__main__":
     main()
