@@ -183,6 +183,35 @@ def stage_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(records: list[dict]) -> str:
+    """BYOL and Ladder-BYOL online kNN by step: mean ± std over seeds and the ladder's paired difference."""
+    runs = {name: {r["seed"]: {step: 100 * top1 for step, _, top1 in r["knn_curve"]}
+                   for r in records if r["run"] == name} for name in STAGE_PROBED}
+    byol, ladder = (runs[name] for name in STAGE_PROBED)
+    steps = sorted({step for curves in (*byol.values(), *ladder.values()) for step in curves})
+    lines = ["| step | byol | ladder_byol | ladder - byol |", "|---|---|---|---|"]
+    for step in steps:
+        cells = [_mean_std_cell([curve[step] for curve in seeds.values() if step in curve]) for seeds in (byol, ladder)]
+        paired = [ladder[s][step] - byol[s][step] for s in sorted(set(byol) & set(ladder))
+                  if step in ladder[s] and step in byol[s]]
+        lines.append(f"| {step} | {cells[0]} | {cells[1]} | {_difference(_paired_row(paired))} |")
+    return "\n".join(lines)
+
+
+def _mean_std_cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return _mean_std({"mean": statistics.fmean(values),
+                      "std": statistics.stdev(values) if len(values) > 1 else math.nan})
+
+
+def _paired_row(differences: list[float]) -> dict:
+    if not differences:
+        return {}
+    difference, interval = paired_interval(differences)
+    return {"difference": difference, "interval": interval}
+
+
 def plot(records: list[dict], path: Path) -> Path:
     """Paired differences to the baseline with their intervals, and BYOL vs Ladder-BYOL online kNN."""
     import matplotlib
@@ -245,7 +274,7 @@ def main() -> None:
 def report(records: list[dict], plot_path: Path) -> None:
     """Print the tables, the rank correlations and the compute, and draw the plot."""
     print(json.dumps({"plot": str(plot(records, plot_path))}))
-    print(markdown_table(records) + "\n\n" + stage_table(records) + "\n")
+    print("\n\n".join((markdown_table(records), stage_table(records), curve_table(records))) + "\n")
     for metric in ("knn20_top1", "linear_top1"):
         print(f"Spearman(V_t/V_s, {metric} difference) over the MoCo designs: {ratio_ordering(records, metric):+.2f}")
     print(compute_line(records))

@@ -122,3 +122,17 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(monkeypatch, tmp_path):
                                      "--results", str(results), "--work_dir", str(tmp_path / "work")])
     designs.main()  # both recorded: nothing runs again
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_the_curve_table_gives_each_step_over_seeds_and_the_ladders_paired_difference():
+    def curve(run, seed, points):
+        return {**record(run, seed, 0.8, 0.8), "knn_curve": [[step, 1.0, top1] for step, top1 in points]}
+
+    records = [curve("byol", 0, [(50, 0.70), (100, 0.74)]), curve("byol", 1, [(50, 0.72), (100, 0.76)]),
+               curve("ladder_byol", 0, [(50, 0.71), (100, 0.74)]), curve("ladder_byol", 1, [(50, 0.74)]),
+               curve("moco_baseline", 0, [(50, 0.10)])]
+    lines = designs.curve_table(records).splitlines()
+    # step 50: differences +1 and +2 points, half-width 12.706 * 0.7071 / sqrt(2) = 6.35
+    assert lines[2] == "| 50 | 71.00 ± 1.41 | 72.50 ± 2.12 | +1.50 ± 6.35 |"
+    assert lines[3] == "| 100 | 75.00 ± 1.41 | 74.00 | +0.00 |"  # seed 1 of the ladder has no step 100
+    assert len(lines) == 4
