@@ -234,8 +234,13 @@ def plot(records: list[dict], path: Path) -> Path:
         runs = [record for record in records if record["run"] == name]
         if runs:
             steps = [point[0] for point in runs[0]["knn_curve"]]
-            mean = [statistics.fmean(100 * r["knn_curve"][i][2] for r in runs) for i in range(len(steps))]
-            curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds)")
+            values = [[100 * r["knn_curve"][i][2] for r in runs] for i in range(len(steps))]
+            mean = [statistics.fmean(at_step) for at_step in values]
+            line, = curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds, ± std)")
+            if len(runs) > 1:
+                spread = [statistics.stdev(at_step) for at_step in values]
+                curves.fill_between(steps, [m - s for m, s in zip(mean, spread)],
+                                    [m + s for m, s in zip(mean, spread)], color=line.get_color(), alpha=0.2)
     curves.set_xlabel("step")
     curves.set_ylabel("online kNN top-1 (train[50000:] queries)")
     if curves.lines:  # BYOL and Ladder-BYOL may not have run yet
