@@ -13,6 +13,7 @@ failing run is reported at the end without stopping the others, so the sweep run
     nohup python bench/designs.py --seeds 0,1,2 > designs.log 2>&1 &
     python bench/designs.py --runs moco_baseline,moco_multicrop --seeds 0
     python bench/designs.py --report     # the table (mean, std, paired 95% intervals) and the plot
+    python bench/designs.py --runs moco_combined_without_multicrop,moco_combined_without_scalemix --seeds 0
 
 Design settings follow configs/asym_moco_*_r50.yaml, scaled to 28 px images: MultiCrop's local crops are 2 of
 14 px at scale (0.05, 0.25) with global crops at (0.2, 1) (the small-track validation run of MultiCrop), MeanEnc
@@ -41,6 +42,8 @@ from bench import fashion_mnist as track  # noqa: E402
 MULTICROP = ("--multicrop true --multicrop_num_local 2 --multicrop_local_size 14 "
              "--multicrop_local_scale '[0.05, 0.25]' --multicrop_global_scale '[0.2, 1.0]'")
 MEANENC = "--mean_encoding true --mean_encoding_views 2"
+# The designs of the combined recipe (Wang et al.'s MoCo v3 combination without AsymBN), in its command-line order.
+COMBINED = {"multicrop": MULTICROP, "scalemix": "--scalemix true", "asymaug": "--asym_aug true", "meanenc": MEANENC}
 # name -> (recipe framework, recipe overrides, the baseline it is compared with)
 DESIGNS: dict[str, tuple[str, str, str | None]] = {
     "moco_baseline": ("moco", "", None),
@@ -49,10 +52,16 @@ DESIGNS: dict[str, tuple[str, str, str | None]] = {
     "moco_asymaug": ("moco", "--asym_aug true", "moco_baseline"),
     "moco_asymbn": ("moco", "--asym_bn true", "moco_baseline"),
     "moco_meanenc": ("moco", MEANENC, "moco_baseline"),
-    "moco_combined": ("moco", f"{MULTICROP} --scalemix true --asym_aug true {MEANENC}", "moco_baseline"),
+    "moco_combined": ("moco", " ".join(COMBINED.values()), "moco_baseline"),
     "byol": ("byol", "", None),
     "ladder_byol": ("byol", "--ladder_levels '[1, 2, 3, 4]'", "byol"),
 }
+# Leave-one-out of the combined recipe, compared with it: which design's removal recovers what the combination loses.
+# Not in the default sweep (``--runs moco_combined_without_multicrop,...``).
+ABLATIONS: dict[str, tuple[str, str, str | None]] = {
+    f"moco_combined_without_{left_out}": ("moco", " ".join(v for k, v in COMBINED.items() if k != left_out),
+                                          "moco_combined") for left_out in COMBINED}
+RUNS = {**DESIGNS, **ABLATIONS}
 STAGE_PROBED = ("byol", "ladder_byol")
 # Two-sided 95% quantiles of Student's t by degrees of freedom (paired differences over n seeds: n - 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -60,7 +69,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def run_args(name: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
     """The small track's arguments for one design run."""
-    _, overrides, _ = DESIGNS[name]
+    _, overrides, _ = RUNS[name]
     every = args.eval_every_ladder if name in STAGE_PROBED else args.eval_every
     return argparse.Namespace(split="test", set=f"{overrides} --variance_steps {args.steps}".strip(),
                               steps=args.steps, seed=seed, eval_every=every, checkpoint_every=args.checkpoint_every,
@@ -73,7 +82,7 @@ def model_dir(name: str, seed: int, args: argparse.Namespace) -> Path:
 
 def measure(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Pretrain and probe one design run; its record."""
-    framework = DESIGNS[name][0]
+    framework = RUNS[name][0]
     run, directory = run_args(name, seed, args), model_dir(name, seed, args)
     record = {"bench": "designs", "run": name, "seed": seed, "steps": args.steps, "set": run.set,
               "probe_epochs": args.probe_epochs}
@@ -99,13 +108,13 @@ def paired_interval(differences: list[float]) -> tuple[float, float]:
     return mean, T95[len(differences) - 1] * statistics.stdev(differences) / math.sqrt(len(differences))
 
 
-def summary_rows(records: list[dict], metric: str) -> list[dict]:
-    """Per design: mean and std of ``metric`` over seeds, and its paired difference to the baseline."""
+def summary_rows(records: list[dict], metric: str, runs: dict = DESIGNS) -> list[dict]:
+    """Per run: mean and std of ``metric`` over seeds, and its paired difference to the run it is compared with."""
     by_run: dict[str, dict[int, dict]] = {}
     for record in records:
         by_run.setdefault(record["run"], {})[record["seed"]] = record
     rows = []
-    for name, (_, _, baseline) in DESIGNS.items():
+    for name, (_, _, baseline) in runs.items():
         seeds = by_run.get(name, {})
         if not seeds:
             continue
@@ -122,9 +131,9 @@ def summary_rows(records: list[dict], metric: str) -> list[dict]:
     return rows
 
 
-def markdown_table(records: list[dict]) -> str:
-    knn, linear = summary_rows(records, "knn20_top1"), summary_rows(records, "linear_top1")
-    lines = ["| run | seeds | min | kNN k=20 | vs baseline | linear | vs baseline | V_t / V_s |",
+def markdown_table(records: list[dict], runs: dict = DESIGNS, versus: str = "baseline") -> str:
+    knn, linear = summary_rows(records, "knn20_top1", runs), summary_rows(records, "linear_top1", runs)
+    lines = [f"| run | seeds | min | kNN k=20 | vs {versus} | linear | vs {versus} | V_t / V_s |",
              "|---|---|---|---|---|---|---|---|"]
     for k_row, l_row in zip(knn, linear):
         lines.append(f"| {k_row['run']} | {len(k_row['seeds'])} | {k_row['minutes']:.1f} | {_mean_std(k_row)} | "
@@ -252,7 +261,8 @@ def plot(records: list[dict], path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join(DESIGNS), help=f"Comma-separated subset of {', '.join(DESIGNS)}.")
+    parser.add_argument("--runs", default=",".join(DESIGNS),
+                        help=f"Comma-separated subset of {', '.join(RUNS)} (default: all but the ablations).")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--eval_every", type=int, default=100, help="Online kNN every N steps.")
@@ -268,9 +278,9 @@ def main() -> None:
     if args.report:
         report(records, args.results.with_suffix(".png"))
         return
-    unknown = set(args.runs.split(",")) - set(DESIGNS)
+    unknown = set(args.runs.split(",")) - set(RUNS)
     if unknown:
-        parser.error(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(DESIGNS)}")
+        parser.error(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(RUNS)}")
     failed = sweep(records, args)
     if failed:
         sys.exit("Failed runs (kept for resuming):\n" + "\n".join(failed))
@@ -279,7 +289,10 @@ def main() -> None:
 def report(records: list[dict], plot_path: Path) -> None:
     """Print the tables, the rank correlations and the compute, and draw the plot."""
     print(json.dumps({"plot": str(plot(records, plot_path))}))
-    print("\n\n".join((markdown_table(records), stage_table(records), curve_table(records))) + "\n")
+    tables = [markdown_table(records), stage_table(records), curve_table(records)]
+    if any(record["run"] in ABLATIONS for record in records):
+        tables.append(markdown_table(records, ABLATIONS, versus="combined"))
+    print("\n\n".join(tables) + "\n")
     for metric in ("knn20_top1", "linear_top1"):
         print(f"Spearman(V_t/V_s, {metric} difference) over the MoCo designs: {ratio_ordering(records, metric):+.2f}")
     print(compute_line(records))

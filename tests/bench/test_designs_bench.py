@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SWITCHES = {"moco_multicrop": ["multicrop"], "moco_scalemix": ["scalemix"], "moco_asymaug": ["asym_aug"],
             "moco_asymbn": ["asym_bn"], "moco_meanenc": ["mean_encoding"],
             "moco_combined": ["multicrop", "scalemix", "asym_aug", "mean_encoding"]}
+SWITCHES.update({f"moco_combined_without_{left_out}": [f for f in SWITCHES["moco_combined"] if f != field]
+                 for left_out, field in (("multicrop", "multicrop"), ("scalemix", "scalemix"),
+                                         ("asymaug", "asym_aug"), ("meanenc", "mean_encoding"))})
 
 
-@pytest.mark.parametrize("name", list(designs.DESIGNS))
+@pytest.mark.parametrize("name", list(designs.RUNS))
 def test_every_run_is_its_recipe_with_its_design_on_and_measures_the_variance(name):
-    framework, _, baseline = designs.DESIGNS[name]
+    framework, _, baseline = designs.RUNS[name]
     run = designs.run_args(name, seed=1, args=argparse.Namespace(
         steps=500, eval_every=100, eval_every_ladder=50, checkpoint_every=100, probe_epochs=90))
     config, _, train_args = parse_pretraining_args(
@@ -30,7 +33,7 @@ def test_every_run_is_its_recipe_with_its_design_on_and_measures_the_variance(na
     others = set().union(*SWITCHES.values()) - set(SWITCHES.get(name, []))
     assert not any(getattr(config, field) for field in others)
     assert (len(config.ladder_levels or [4]) == 4) == (name == "ladder_byol")
-    assert baseline is None or designs.DESIGNS[baseline][0] == framework
+    assert baseline is None or designs.RUNS[baseline][0] == framework
 
 
 def record(run: str, seed: int, knn: float, linear: float, ratio: float = 0.9) -> dict:
@@ -136,3 +139,14 @@ def test_the_curve_table_gives_each_step_over_seeds_and_the_ladders_paired_diffe
     assert lines[2] == "| 50 | 71.00 ± 1.41 | 72.50 ± 2.12 | +1.50 ± 6.35 |"
     assert lines[3] == "| 100 | 75.00 ± 1.41 | 74.00 | +0.00 |"  # seed 1 of the ladder has no step 100
     assert len(lines) == 4
+
+
+def test_the_ablations_leave_one_design_out_of_the_combined_run_and_are_compared_with_it():
+    assert set(designs.ABLATIONS).isdisjoint(designs.DESIGNS)  # not in the default sweep
+    assert all(baseline == "moco_combined" for _, _, baseline in designs.ABLATIONS.values())
+    records = [record("moco_baseline", 0, 0.81, 0.85), record("moco_combined", 0, 0.78, 0.83),
+               record("moco_combined_without_asymaug", 0, 0.805, 0.84)]
+    assert "without" not in designs.markdown_table(records)
+    table = designs.markdown_table(records, designs.ABLATIONS, versus="combined").splitlines()
+    assert table[0].count("vs combined") == 2
+    assert table[2] == "| moco_combined_without_asymaug | 1 | 10.0 | 80.50 | +2.50 | 84.00 | +1.00 | 0.900 |"
