@@ -118,17 +118,25 @@ def summary_rows(records: list[dict], metric: str, runs: dict = DESIGNS) -> list
         seeds = by_run.get(name, {})
         if not seeds:
             continue
-        values = [100 * seeds[s][metric] for s in sorted(seeds)]
-        row = {"run": name, "seeds": sorted(seeds), "mean": statistics.fmean(values),
-               "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+        row = {"run": name, "seeds": sorted(seeds), **_spread([100 * seeds[s][metric] for s in sorted(seeds)]),
                "ratio": statistics.fmean(seeds[s]["variance_ratio"] for s in seeds),
                "minutes": statistics.fmean(seeds[s]["pretrain_seconds"] for s in seeds) / 60}
         paired = sorted(set(seeds) & set(by_run.get(baseline, {}))) if baseline else []
-        if paired:
-            differences = [100 * (seeds[s][metric] - by_run[baseline][s][metric]) for s in paired]
-            row["difference"], row["interval"] = paired_interval(differences)
+        row.update(_paired([100 * (seeds[s][metric] - by_run[baseline][s][metric]) for s in paired]))
         rows.append(row)
     return rows
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else math.nan}
+
+
+def _paired(differences: list[float]) -> dict:
+    """The paired difference and its interval, or nothing when no seed is paired."""
+    if not differences:
+        return {}
+    difference, interval = paired_interval(differences)
+    return {"difference": difference, "interval": interval}
 
 
 def markdown_table(records: list[dict], runs: dict = DESIGNS, versus: str = "baseline") -> str:
@@ -194,31 +202,30 @@ def stage_table(records: list[dict]) -> str:
 
 def curve_table(records: list[dict]) -> str:
     """BYOL and Ladder-BYOL online kNN by step: mean ± std over seeds and the ladder's paired difference."""
-    runs = {name: {r["seed"]: {step: 100 * top1 for step, _, top1 in r["knn_curve"]}
-                   for r in records if r["run"] == name} for name in STAGE_PROBED}
-    byol, ladder = (runs[name] for name in STAGE_PROBED)
-    steps = sorted({step for curves in (*byol.values(), *ladder.values()) for step in curves})
+    byol, ladder = (_knn_curves(records, name) for name in STAGE_PROBED)
     lines = ["| step | byol | ladder_byol | ladder - byol |", "|---|---|---|---|"]
-    for step in steps:
-        cells = [_mean_std_cell([curve[step] for curve in seeds.values() if step in curve]) for seeds in (byol, ladder)]
+    for step in _steps(byol, ladder):
+        spreads = [_spread_at(curves, step) for curves in (byol, ladder)]
+        cells = [_mean_std(spread) if spread else "-" for spread in spreads]
         paired = [ladder[s][step] - byol[s][step] for s in sorted(set(byol) & set(ladder))
                   if step in ladder[s] and step in byol[s]]
-        lines.append(f"| {step} | {cells[0]} | {cells[1]} | {_difference(_paired_row(paired))} |")
+        lines.append(f"| {step} | {cells[0]} | {cells[1]} | {_difference(_paired(paired))} |")
     return "\n".join(lines)
 
 
-def _mean_std_cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return _mean_std({"mean": statistics.fmean(values),
-                      "std": statistics.stdev(values) if len(values) > 1 else math.nan})
+def _knn_curves(records: list[dict], name: str) -> dict[int, dict[int, float]]:
+    """A run's online kNN (percent) by seed and step."""
+    return {r["seed"]: {step: 100 * top1 for step, _, top1 in r["knn_curve"]} for r in records if r["run"] == name}
 
 
-def _paired_row(differences: list[float]) -> dict:
-    if not differences:
-        return {}
-    difference, interval = paired_interval(differences)
-    return {"difference": difference, "interval": interval}
+def _steps(*runs: dict[int, dict[int, float]]) -> list[int]:
+    return sorted({step for curves in runs for curve in curves.values() for step in curve})
+
+
+def _spread_at(curves: dict[int, dict[int, float]], step: int) -> dict:
+    """Mean and std over the seeds that reached ``step``; empty when none did."""
+    values = [curve[step] for curve in curves.values() if step in curve]
+    return _spread(values) if values else {}
 
 
 def plot(records: list[dict], path: Path) -> Path:
@@ -240,16 +247,14 @@ def plot(records: list[dict], path: Path) -> Path:
     differences.set_ylabel("difference to the baseline (points, 95% paired interval)")
     differences.legend(fontsize=8)
     for name in STAGE_PROBED:
-        runs = [record for record in records if record["run"] == name]
+        runs = _knn_curves(records, name)
         if runs:
-            steps = [point[0] for point in runs[0]["knn_curve"]]
-            values = [[100 * r["knn_curve"][i][2] for r in runs] for i in range(len(steps))]
-            mean = [statistics.fmean(at_step) for at_step in values]
+            steps = _steps(runs)
+            mean, std = zip(*((at["mean"], at["std"]) for at in (_spread_at(runs, step) for step in steps)))
             line, = curves.plot(steps, mean, marker="o", label=f"{name} ({len(runs)} seeds, ± std)")
             if len(runs) > 1:
-                spread = [statistics.stdev(at_step) for at_step in values]
-                curves.fill_between(steps, [m - s for m, s in zip(mean, spread)],
-                                    [m + s for m, s in zip(mean, spread)], color=line.get_color(), alpha=0.2)
+                curves.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                    color=line.get_color(), alpha=0.2)
     curves.set_xlabel("step")
     curves.set_ylabel("online kNN top-1 (train[50000:] queries)")
     if curves.lines:  # BYOL and Ladder-BYOL may not have run yet
@@ -320,6 +325,7 @@ def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
             shutil.rmtree(model_dir(name, seed, args))  # recorded: the record holds what it showed
             print(json.dumps({k: v for k, v in record.items() if not k.endswith("_curve")}), flush=True)
     return failed
+
 
 if __name__ == "__main__":
     main()
