@@ -464,7 +464,7 @@ def timed(step: Callable, views: dict, device: torch.device) -> float:
 
 def new_accelerator(mixed_precision: str = "no", compile: bool = False):
     """A fresh Accelerator: accelerate keeps one state per process, so a variant with another precision resets it.
-    ``compile``: what ``--torch_compile`` gives (``_make_accelerator``)."""
+    ``compile``: what ``--torch_compile`` gives (``hf_siamese.accelerator.make_accelerator``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import TorchDynamoPlugin

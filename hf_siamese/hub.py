@@ -1,6 +1,7 @@
 """What goes to the Hub with the weights: the whole model directory in one commit, and the image processor."""
 
 import json
+import logging
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
@@ -9,6 +10,8 @@ from huggingface_hub.utils import filter_repo_objects
 from .configuration_siamese import SiameseConfig
 from .image_processing_siamese import SiameseImageProcessor
 from .views import EVAL_CROP_PCT, channel_stats
+
+logger = logging.getLogger(__name__)
 
 # Not part of a model repository: local checkpoints (pushed on their own), temporary saves, tracker logs.
 PUSH_IGNORE = ["checkpoint-*", ".tmp-*", "runs/*", "*.lock"]
@@ -30,6 +33,31 @@ def push_folder(folder: str | Path, repo_id: str, *, commit_message: str, token:
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.create_commit(repo_id, operations, commit_message=commit_message)
+
+
+def push_model(output_dir: Path, repo_id: str, *, step: int, token: str | None = None, private: bool = False) -> None:
+    """Push a finished model directory; a failure leaves it intact and says how to push it later."""
+    try:
+        push_folder(output_dir, repo_id, token=token, private=private,
+                    commit_message=f"hf_siamese: model after {step} steps")
+    except Exception as error:
+        raise RuntimeError(
+            f"Pushing {output_dir} to the Hub repository {repo_id!r} failed ({type(error).__name__}: {error}). "
+            f"The trained model is intact in {output_dir}; push it later with "
+            f"`huggingface-cli upload {repo_id} {output_dir}`."
+        ) from error
+    logger.info("Pushed %s to %s", output_dir, repo_id)
+
+
+def push_checkpoint(checkpoint: Path, repo_id: str, *, step: int, token: str | None = None,
+                    private: bool = False) -> None:
+    """Push a checkpoint to ``last-checkpoint/``; a failure is logged and training goes on."""
+    try:
+        push_folder(checkpoint, repo_id, token=token, private=private,
+                    commit_message=f"hf_siamese: checkpoint at step {step}", path_in_repo="last-checkpoint")
+    except Exception as error:
+        logger.error("Pushing %s to %s failed (%s: %s); training continues, the checkpoint is kept locally.",
+                     checkpoint, repo_id, type(error).__name__, error)
 
 
 def image_processor_for(config: SiameseConfig, crop_pct: float = EVAL_CROP_PCT):

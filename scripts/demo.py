@@ -19,7 +19,9 @@ from pathlib import Path
 import hf_siamese  # noqa: F401  (registers the Auto classes)
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.linear_probe import ProbeArguments, format_results, run_linear_probe, summarise
-from hf_siamese.training import median_images_per_second, native_mixed_precision, train
+from hf_siamese.accelerator import native_mixed_precision
+from hf_siamese.monitoring import median_images_per_second
+from hf_siamese.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,17 +11,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import global_views, tiny_config  # noqa: E402
 
 from hf_siamese.optim import build_optimizer  # noqa: E402
-from hf_siamese.training import (  # noqa: E402
-    PretrainingArguments, _build_model, _make_accelerator, _prepare, training_step,
-)
+from hf_siamese.accelerator import build_model, make_accelerator, prepare  # noqa: E402
+from hf_siamese.training import PretrainingArguments, training_step  # noqa: E402
 
 MOMENTUM = 0.996
 
 
 def one_step(framework: str, accelerator, args: PretrainingArguments) -> dict:
-    model = _build_model(tiny_config(framework), args, accelerator)
+    model = build_model(tiny_config(framework), args, accelerator)
     optimizer = build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9)
-    engine, optimizer = _prepare(accelerator, model, optimizer, args)
+    engine, optimizer = prepare(accelerator, model, optimizer, args)
     unwrapped = accelerator.unwrap_model(engine)
     source, target = global_views(unwrapped.config, batch_size=8, seed=accelerator.process_index)
     batch = {"source_pixel_values": source, "target_pixel_values": target}
@@ -46,7 +45,7 @@ def one_step(framework: str, accelerator, args: PretrainingArguments) -> dict:
 
 def main(out: Path, framework: str) -> None:
     args = PretrainingArguments(report_to="none", mixed_precision="bf16", per_device_train_batch_size=8)
-    accelerator = _make_accelerator(args, out)
+    accelerator = make_accelerator(args, out)
     report = one_step(framework, accelerator, args)
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
 

@@ -15,12 +15,13 @@ from hf_siamese import SiameseForPreTraining  # noqa: E402
 from hf_siamese.data import PretrainingData  # noqa: E402
 from hf_siamese.distributed import batch_shuffled, gather_without_grad  # noqa: E402
 from hf_siamese.optim import build_optimizer  # noqa: E402
-from hf_siamese.training import PretrainingArguments, _build_model, _make_accelerator, training_step  # noqa: E402
+from hf_siamese.accelerator import build_model, make_accelerator  # noqa: E402
+from hf_siamese.training import PretrainingArguments, training_step  # noqa: E402
 from hf_siamese.views import MultiViewTransform  # noqa: E402
 
 
 def main(out: Path) -> None:
-    accelerator = _make_accelerator(PretrainingArguments(report_to="none"), out)
+    accelerator = make_accelerator(PretrainingArguments(report_to="none"), out)
     rank = accelerator.process_index
     report = {"rank": rank, "world": accelerator.num_processes, "type": str(accelerator.distributed_type)}
 
@@ -63,7 +64,7 @@ def main(out: Path) -> None:
     # SyncBatchNorm in a CPU module): the queues are left out of the per-forward buffer broadcast.
     arguments = PretrainingArguments(report_to="none")
     config = tiny_config("moco", queue_size=32, ladder_levels=[2, 4], asym_bn=True, asym_bn_source_batch=2)
-    model = _build_model(config, arguments, accelerator)
+    model = build_model(config, arguments, accelerator)
     ddp, optimizer = accelerator.prepare(model, build_optimizer(model, "sgd", 0.05, 1e-4, momentum=0.9))
     synced = {id(buffer) for buffer in ddp.module.buffers() if any(buffer is b for b in ddp.modules_buffers)}
     report["ddp_synced_buffers"] = [name for name, b in ddp.module.named_buffers() if id(b) in synced]

@@ -105,10 +105,11 @@ def test_infonce_equals_cross_entropy_without_nll_loss(loss, monkeypatch):
 
 
 def test_deterministic_runs_set_the_cublas_workspace_before_cuda_starts(monkeypatch, tmp_path):
-    from hf_siamese.training import PretrainingArguments, _make_accelerator
+    from hf_siamese.accelerator import make_accelerator
+    from hf_siamese.training import PretrainingArguments
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    _make_accelerator(PretrainingArguments(report_to="none"), tmp_path)
+    make_accelerator(PretrainingArguments(report_to="none"), tmp_path)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    _make_accelerator(PretrainingArguments(report_to="none", deterministic=True), tmp_path)
+    make_accelerator(PretrainingArguments(report_to="none", deterministic=True), tmp_path)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

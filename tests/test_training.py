@@ -196,9 +196,9 @@ def test_online_knn_is_logged_and_does_not_change_training(parquet_files, tmp_pa
 def test_training_seconds_leave_out_paused_evaluation(tmp_path):
     from accelerate import Accelerator
 
-    from hf_siamese.training import _MetricsLogger
+    from hf_siamese.monitoring import MetricsLogger
 
-    metrics = _MetricsLogger(Accelerator(cpu=True), tmp_path / "metrics.jsonl", 10, 0, resuming=False,
+    metrics = MetricsLogger(Accelerator(cpu=True), tmp_path / "metrics.jsonl", 10, 0, resuming=False,
                              seconds_before=100.0)
     with metrics.paused():
         time.sleep(0.3)  # an evaluation, logged at its end
