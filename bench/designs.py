@@ -189,15 +189,26 @@ def compute_line(records: list[dict]) -> str:
 
 
 def stage_table(records: list[dict]) -> str:
-    """BYOL and Ladder-BYOL probed at every stage (mean over seeds)."""
-    lines = ["| run | stage | kNN k=20 | linear |", "|---|---|---|---|"]
-    for name in STAGE_PROBED:
-        runs = [record for record in records if record["run"] == name and "levels" in record]
-        for level in sorted({level for record in runs for level in record["levels"]}, key=int):
-            knn = statistics.fmean(100 * r["levels"][level]["knn20_top1"] for r in runs)
-            linear = statistics.fmean(100 * r["levels"][level]["linear_top1"] for r in runs)
-            lines.append(f"| {name} | {level} | {knn:.2f} | {linear:.2f} |")
+    """BYOL and Ladder-BYOL probed at every stage: mean ± std over seeds and the ladder's paired difference."""
+    byol, ladder = (_stage_probes(records, name) for name in STAGE_PROBED)
+    lines = ["| stage | kNN byol | kNN ladder_byol | ladder - byol | linear byol | linear ladder_byol | ladder - byol |",
+             "|---|---|---|---|---|---|---|"]
+    for level in sorted({level for probes in (*byol.values(), *ladder.values()) for level in probes}, key=int):
+        cells = []
+        for metric in ("knn20_top1", "linear_top1"):
+            at = [{seed: probes[level][metric] for seed, probes in run.items() if level in probes}
+                  for run in (byol, ladder)]
+            cells += [_mean_std(_spread(list(values.values()))) if values else "-" for values in at]
+            cells.append(_difference(_paired([at[1][seed] - at[0][seed] for seed in sorted(set(at[0]) & set(at[1]))])))
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _stage_probes(records: list[dict], name: str) -> dict[int, dict[str, dict[str, float]]]:
+    """A run's per-stage probes (percent) by seed and stage."""
+    return {r["seed"]: {level: {metric: 100 * value for metric, value in probes.items()}
+                        for level, probes in r["levels"].items()}
+            for r in records if r["run"] == name and "levels" in r}
 
 
 def curve_table(records: list[dict]) -> str:

@@ -85,7 +85,21 @@ def test_the_report_draws_the_differences_and_the_ladder_curves(tmp_path):
                for s in range(2)]
     path = designs.plot(records, tmp_path / "designs.png")
     assert Image.open(path).size == (1200, 450)
-    assert "| ladder_byol | 1 | 50.00 | 60.00 |" in designs.stage_table(records)
+    assert "| 1 | 50.00 ± 0.00 | 50.00 ± 0.00 | +0.00 ± 0.00 | 60.00 ± 0.00 | 60.00 ± 0.00 | +0.00 ± 0.00 |" in (
+        designs.stage_table(records))
+
+
+def test_the_stage_table_pairs_the_ladder_with_byol_by_seed_at_each_stage():
+    def probes(knn: float, linear: float) -> dict:
+        return {"knn20_top1": knn, "linear_top1": linear}
+
+    records = [{"run": "byol", "seed": s, "levels": {"1": probes(0.50 + 0.02 * s, 0.60)}} for s in range(2)]
+    records += [{"run": "ladder_byol", "seed": s, "levels": {"1": probes(0.53 + 0.03 * s, 0.61), "2": probes(0.7, 0.8)}}
+                for s in range(2)]
+    rows = designs.stage_table(records).splitlines()[2:]
+    # stage 1 kNN: byol 50, 52; ladder 53, 56; paired differences 3, 4: mean 3.5, half-width 12.706 * 0.707 / sqrt(2)
+    assert rows[0] == "| 1 | 51.00 ± 1.41 | 54.50 ± 2.12 | +3.50 ± 6.35 | 60.00 ± 0.00 | 61.00 ± 0.00 | +1.00 ± 0.00 |"
+    assert rows[1] == "| 2 | - | 70.00 ± 0.00 | - | - | 80.00 ± 0.00 | - |"  # only the ladder probed stage 2
 
 
 def test_stage_probed_runs_are_probed_at_every_stage_and_at_the_pooled_output(monkeypatch, tmp_path):
