@@ -342,6 +342,7 @@ def _finish(run: _Run, step: int, loss: float) -> TrainResult:
         write_model_card(output_dir, model_id=_hub_model_id(args, output_dir) if args.push_to_hub else None)
         if args.export_timm:
             export_timm(run.unwrapped, args.export_timm)
+    accelerator.wait_for_everyone()  # no process tears the group down while the main one still saves
     accelerator.end_training()  # also ends the process group: no collective after this
     if total_skipped:
         logger.warning("Skipped %d undecodable images.", total_skipped)

@@ -53,7 +53,8 @@ def test_training_ends_where_the_recorded_digest_says(case, tmp_path):
     expected = json.loads(FIXTURE.read_text())[case]
     measured = digest(case, tmp_path)
     for key, values in expected.items():
-        assert measured[key] == pytest.approx(values, rel=1e-5), key
+        # Another CPU's kernels move a loss by about 1e-6: relative to SimSiam's losses near 0, that is over 1e-5.
+        assert measured[key] == pytest.approx(values, rel=1e-5, abs=1e-5 if key == "losses" else None), key
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
