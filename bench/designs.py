@@ -196,10 +196,9 @@ def stage_table(records: list[dict]) -> str:
     for level in sorted({level for probes in (*byol.values(), *ladder.values()) for level in probes}, key=int):
         cells = []
         for metric in ("knn20_top1", "linear_top1"):
-            at = [{seed: probes[level][metric] for seed, probes in run.items() if level in probes}
-                  for run in (byol, ladder)]
-            cells += [_mean_std(_spread(list(values.values()))) if values else "-" for values in at]
-            cells.append(_difference(_paired([at[1][seed] - at[0][seed] for seed in sorted(set(at[0]) & set(at[1]))])))
+            by_seed = ({seed: probes[level][metric] for seed, probes in run.items() if level in probes}
+                       for run in (byol, ladder))
+            cells += _ladder_versus_byol(*by_seed)
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -216,12 +215,16 @@ def curve_table(records: list[dict]) -> str:
     byol, ladder = (_knn_curves(records, name) for name in STAGE_PROBED)
     lines = ["| step | byol | ladder_byol | ladder - byol |", "|---|---|---|---|"]
     for step in _steps(byol, ladder):
-        spreads = [_spread_at(curves, step) for curves in (byol, ladder)]
-        cells = [_mean_std(spread) if spread else "-" for spread in spreads]
-        paired = [ladder[s][step] - byol[s][step] for s in sorted(set(byol) & set(ladder))
-                  if step in ladder[s] and step in byol[s]]
-        lines.append(f"| {step} | {cells[0]} | {cells[1]} | {_difference(_paired(paired))} |")
+        cells = _ladder_versus_byol(_at(byol, step), _at(ladder, step))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ladder_versus_byol(byol: dict[int, float], ladder: dict[int, float]) -> list[str]:
+    """One measurement by seed of each run: their mean ± std cells ("-" without a seed) and the paired difference."""
+    spreads = [_spread(list(values.values())) if values else {} for values in (byol, ladder)]
+    paired = _paired([ladder[seed] - byol[seed] for seed in sorted(set(byol) & set(ladder))])
+    return [*(_mean_std(spread) if spread else "-" for spread in spreads), _difference(paired)]
 
 
 def _knn_curves(records: list[dict], name: str) -> dict[int, dict[int, float]]:
@@ -233,9 +236,14 @@ def _steps(*runs: dict[int, dict[int, float]]) -> list[int]:
     return sorted({step for curves in runs for curve in curves.values() for step in curve})
 
 
+def _at(curves: dict[int, dict[int, float]], step: int) -> dict[int, float]:
+    """The curves' values at ``step`` by seed, for the seeds that reached it."""
+    return {seed: curve[step] for seed, curve in curves.items() if step in curve}
+
+
 def _spread_at(curves: dict[int, dict[int, float]], step: int) -> dict:
     """Mean and std over the seeds that reached ``step``; empty when none did."""
-    values = [curve[step] for curve in curves.values() if step in curve]
+    values = list(_at(curves, step).values())
     return _spread(values) if values else {}
 
 

@@ -19,13 +19,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from .checkpointing import ResumePoint, completed_checkpoints, load_checkpoint, remove_unfinished, save_checkpoint
-from .configuration_siamese import SiameseConfig
-from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
 from .accelerator import (
     build_model, deepspeed_settings, float32_state_dict, make_accelerator, native_mixed_precision, prepare,
     sum_over_processes,
 )
+from .checkpointing import ResumePoint, completed_checkpoints, load_checkpoint, remove_unfinished, save_checkpoint
+from .configuration_siamese import SiameseConfig
+from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
 from .hub import push_checkpoint, push_model, save_image_processor
 from .levels import check_queue_fits
 from .model_card import TRAINING_RUN, write_model_card
@@ -43,6 +43,7 @@ __all__ = ["PretrainingArguments", "TrainResult", "train", "training_step", "ema
            "NonFiniteLossError", "completed_checkpoints", "median_images_per_second", "native_mixed_precision"]
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainResult:

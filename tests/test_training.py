@@ -199,7 +199,7 @@ def test_training_seconds_leave_out_paused_evaluation(tmp_path):
     from hf_siamese.monitoring import MetricsLogger
 
     metrics = MetricsLogger(Accelerator(cpu=True), tmp_path / "metrics.jsonl", 10, 0, resuming=False,
-                             seconds_before=100.0)
+                            seconds_before=100.0)
     with metrics.paused():
         time.sleep(0.3)  # an evaluation, logged at its end
         metrics.log({"step": 1, "knn_top1": 0.5})
