@@ -39,7 +39,7 @@ def make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerato
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Without --torch_compile, accelerate's own default (and `accelerate launch --dynamo_backend`) applies.
     dynamo = TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode) if args.torch_compile else None
-    return Accelerator(
+    accelerator = Accelerator(
         dynamo_plugin=dynamo,
         # Without a GPU, `cpu=True` turns a multi-process launch into MULTI_CPU over gloo (else every process
         # believes it is alone and the main one).
@@ -52,6 +52,16 @@ def make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerato
         project_dir=str(output_dir),
         kwargs_handlers=handlers,
     )
+    _warn_if_bf16_is_emulated(accelerator)
+    return accelerator
+
+
+def _warn_if_bf16_is_emulated(accelerator: Accelerator) -> None:
+    """A recipe written for a bf16 CPU still runs elsewhere, but slower than fp32: say so and how to fix it."""
+    if (accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu"
+            and native_mixed_precision() == "no"):
+        logger.warning("mixed_precision is bf16, but this CPU has no native bf16 (AVX-512 BF16 or AMX): emulated "
+                       "bf16 is slower than fp32. Pass --mixed_precision no to train in fp32.")
 
 
 def _trackers(report_to: str):

@@ -113,3 +113,19 @@ def test_deterministic_runs_set_the_cublas_workspace_before_cuda_starts(monkeypa
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     make_accelerator(PretrainingArguments(report_to="none", deterministic=True), tmp_path)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+@pytest.mark.parametrize("native,precision,warns", [(True, "bf16", False), (False, "bf16", True), (False, "no", False)])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_fp32_is_faster(monkeypatch, tmp_path, caplog, native,
+                                                                     precision, warns):
+    from hf_siamese.accelerator import make_accelerator
+    from hf_siamese.training import PretrainingArguments
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="hf_siamese.accelerator"):
+        make_accelerator(PretrainingArguments(report_to="none", mixed_precision=precision), tmp_path)
+    warnings = [r.message for r in caplog.records if "no native bf16" in r.message]
+    assert len(warnings) == warns
+    if warns:
+        assert "--mixed_precision no" in warnings[0]

@@ -101,12 +101,18 @@ def test_help_lists_every_field():
         assert name in result.stdout, name
 
 
-@pytest.mark.parametrize("streaming", ["true", "false"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tmp_path, streaming):
+# ScaleMix and AsymAug: views drawn from torch, Python and numpy (RandAugment) must all replay.
+ASYMMETRIC_VIEWS = ["--scalemix", "true", "--asym_aug", "true"]
+SMALL_GRAY_TRACK = ["--augmentation", "small_gray", "--small_image_stem", "true", "--num_channels", "1",
+                    "--image_size", "28"]
+
+
+@pytest.mark.parametrize("streaming,views", [("true", ASYMMETRIC_VIEWS), ("false", ASYMMETRIC_VIEWS),
+                                             ("false", SMALL_GRAY_TRACK)], ids=["streamed", "local", "small_gray"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tmp_path, streaming, views):
     # 64 images, batch 16: 4 batches an epoch, so 6 steps cross an epoch and the checkpoint at 3 is mid-epoch.
-    # ScaleMix and AsymAug: views drawn from torch, Python and numpy (RandAugment) must all replay.
     args = ["--framework", "moco", "--queue_size", "64", "--max_steps", "6", "--checkpointing_steps", "3",
-            "--deterministic", "true", "--streaming", streaming, "--scalemix", "true", "--asym_aug", "true"]
+            "--deterministic", "true", "--streaming", streaming, *views]
     straight = tmp_path / "straight"
     run(common_args(parquet_files, straight, *args))
     resumed = tmp_path / "resumed"
