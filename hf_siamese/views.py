@@ -54,8 +54,8 @@ _BYOL_2 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=0.1, so
 # acts on one channel: brightness and contrast only (saturation, hue and grayscale do nothing to an L image), a
 # 3 px blur of sigma 0.1-1 px (BYOL's ~10%-of-the-image kernel at 28 px) and solarize on the second view only.
 # Crop scale (0.2, 1) as in SimSiam's CIFAR experiments (Chen & He 2021, Sec. A): smaller crops of a centred
-# 28 px garment show too little of it; on the validation split 0.2 beat 0.08 and 0.5 (docs/benchmarks.md). The blur
-# and solarize probabilities are BYOL's but for MoCo v2's p=0.5 blur on the first view; they were not tuned.
+# 28 px garment show too little of it; on the validation split 0.2 beat 0.08 by 1.3 points and was level with 0.5
+# (docs/benchmarks.md). Blur and solarize probabilities: BYOL's, but MoCo v2's p=0.5 blur on view 1; not tuned.
 _SMALL_GRAY_1 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.5, solarize_probability=0.0,
                            grayscale_probability=0.0, blur_sigma=(0.1, 1.0))
 _SMALL_GRAY_2 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.1, solarize_probability=0.2,
