@@ -29,27 +29,33 @@ SMALL_TRACK = [f"configs/fashion_mnist_{name}.yaml" for name in ("moco", "mocov3
 def recipe_step(recipe: str, accelerator) -> tuple[OursStep, dict, int]:
     """The recipe's step, random views of its shape and its batch size."""
     config, _, train_args = parse_pretraining_args(["--config", str(ROOT / recipe)])
+    return _step_views_batch(config, train_args, accelerator)
+
+
+def _step_views_batch(config, train_args, accelerator) -> tuple[OursStep, dict, int]:
     batch = train_args.per_device_train_batch_size
     step = OursStep(config, accelerator, channels_last=train_args.channels_last)
     return step, make_views(config, batch), batch
 
 
 def measure(recipes: list[str], repeats: int, warmup: int) -> list[dict]:
-    precisions = {parse_pretraining_args(["--config", str(ROOT / r)])[2].mixed_precision or "no" for r in recipes}
+    parsed = {recipe: parse_pretraining_args(["--config", str(ROOT / recipe)]) for recipe in recipes}
+    precisions = {train_args.mixed_precision or "no" for _, _, train_args in parsed.values()}
     if len(precisions) != 1:
         raise ValueError(f"the recipes must share one mixed_precision to run in one process, got {precisions}")
     accelerator = new_accelerator(precisions.pop())
-    built = {recipe: recipe_step(recipe, accelerator) for recipe in recipes}
+    built = {recipe: _step_views_batch(config, train_args, accelerator)
+             for recipe, (config, _, train_args) in parsed.items()}
     # Each step closes over its own views: interleaved_times passes one shared views argument, unused here.
     steps = {recipe: (lambda _, step=step, views=views: step(views)) for recipe, (step, views, _) in built.items()}
     times = interleaved_times(steps, None, accelerator.device, warmup, repeats)
     baseline = statistics.median(times[recipes[0]])
     records = []
-    for recipe in recipes:
+    for recipe, (_, _, batch) in built.items():
         seconds = statistics.median(times[recipe])
         records.append({
             "bench": "recipe_step", "recipe": recipe, "median_step_s": round(seconds, 4),
-            "images_per_s": round(built[recipe][2] / seconds, 1), "step_time_vs_first": round(seconds / baseline, 3),
+            "images_per_s": round(batch / seconds, 1), "step_time_vs_first": round(seconds / baseline, 3),
             "repeats": repeats, "precision": accelerator.mixed_precision,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
