@@ -216,14 +216,14 @@ def markdown_table(results_path: Path) -> str:
 
 def small_table(results_path: Path) -> str:
     """The small track's records as a markdown table: budget, online-kNN curve, and the probes when run."""
-    rows = ["| run | split | overrides | steps | epochs | train min | images/s | online kNN by minute | kNN k=20 | "
-            "kNN k=200 | linear top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | split | overrides | steps | seed | epochs | train min | images/s | online kNN by minute | "
+            "kNN k=20 | kNN k=200 | linear top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in map(json.loads, results_path.read_text().splitlines()):
         seconds = record.get("pretrain_seconds")
         probes = [f"{record[key] * 100:.2f}" if key in record else "-"
                   for key in ("knn20_top1", "knn200_top1", "linear_top1")]
         rows.append(f"| {record['run']} | {record.get('split', 'test')} | {record.get('set') or '-'} | "
-                    f"{record['steps']} | {record.get('epochs', '-')} | "
+                    f"{record['steps']} | {record['seed']} | {record.get('epochs', '-')} | "
                     f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
                     f"{_curve_by_minute(record.get('knn_curve', [])) or '-'} | {' | '.join(probes)} |")
     return "\n".join(rows)
@@ -231,14 +231,15 @@ def small_table(results_path: Path) -> str:
 
 def results_table(results_path: Path) -> str:
     """The README's table of the small track's test-set runs: budget and probes, one row per run."""
-    rows = ["| run | steps | epochs | train min | images/s | kNN k=20 | kNN k=200 | linear top-1 |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | steps | seed | epochs | train min | images/s | kNN k=20 | kNN k=200 | linear top-1 |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for record in map(json.loads, results_path.read_text().splitlines()):
         if record.get("split", "test") != "test" or not record.get("probe", True):
             continue
         seconds = record.get("pretrain_seconds")
         probes = [f"{record[key] * 100:.2f}" for key in ("knn20_top1", "knn200_top1", "linear_top1")]
-        rows.append(f"| {record['run'].removeprefix('small_')} | {record['steps']} | {record.get('epochs', '-')} | "
+        rows.append(f"| {record['run'].removeprefix('small_')} | {record['steps']} | {record['seed']} | "
+                    f"{record.get('epochs', '-')} | "
                     f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
                     f"{' | '.join(probes)} |")
     return "\n".join(rows)
@@ -264,7 +265,7 @@ def plot_knn_curves(results_path: Path) -> Path:
     curves = [record for record in map(json.loads, results_path.read_text().splitlines()) if record.get("knn_curve")]
     for index, record in enumerate(curves):
         _, seconds, knn = zip(*record["knn_curve"])
-        label = f"{record['run']} ({record['steps']} steps) {record.get('set', '')}".strip()
+        label = f"{record['run']} ({record['steps']} steps, seed {record['seed']}) {record.get('set', '')}".strip()
         style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has ten colours
         axes.plot([s / 60 for s in seconds], [k * 100 for k in knn], marker="o", linestyle=style, label=label)
     axes.set(xlabel="training minutes (2 CPU cores)", ylabel="online kNN top-1 (%)",
