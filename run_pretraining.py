@@ -5,6 +5,8 @@ A thin command line over `hf_siamese.training.train`; `--help` lists every field
 """
 
 import logging
+import os
+import sys
 
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.training import train
@@ -18,5 +20,19 @@ def main(argv: list[str] | None = None) -> None:
           f"(last loss {result.loss:.4f}, {result.skipped_images} undecodable images skipped).")
 
 
+def exit_before_interpreter_shutdown() -> None:
+    """End the process without Python's shutdown, where a gloo worker thread that frees a tensor aborts it.
+
+    DeepSpeed's engine stays referenced after training, so its process groups and their worker threads outlive
+    ``main``; the model, its record and the trackers are saved and ended by then.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        exit_before_interpreter_shutdown()
