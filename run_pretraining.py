@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from hf_siamese.accelerator import launched_with_deepspeed
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.training import train
 
@@ -34,5 +35,5 @@ def exit_before_interpreter_shutdown() -> None:
 
 if __name__ == "__main__":
     main()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if launched_with_deepspeed():
         exit_before_interpreter_shutdown()

@@ -28,9 +28,14 @@ def native_mixed_precision() -> str:
     return "bf16" if native else "no"
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it tells its processes through the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
 def make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerator:
     """The run's ``Accelerator``: CPU, GPU, DDP or DeepSpeed from the launcher, precision and trackers from ``args``."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    deepspeed = launched_with_deepspeed()
     # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
     backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
