@@ -219,13 +219,9 @@ def small_table(results_path: Path) -> str:
     rows = ["| run | split | overrides | steps | seed | epochs | train min | images/s | online kNN by minute | "
             "kNN k=20 | kNN k=200 | linear top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in map(json.loads, results_path.read_text().splitlines()):
-        seconds = record.get("pretrain_seconds")
-        probes = [f"{record[key] * 100:.2f}" if key in record else "-"
-                  for key in ("knn20_top1", "knn200_top1", "linear_top1")]
         rows.append(f"| {record['run']} | {record.get('split', 'test')} | {record.get('set') or '-'} | "
-                    f"{record['steps']} | {record['seed']} | {record.get('epochs', '-')} | "
-                    f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
-                    f"{_curve_by_minute(record.get('knn_curve', [])) or '-'} | {' | '.join(probes)} |")
+                    f"{_budget_cells(record)} | {_curve_by_minute(record.get('knn_curve', [])) or '-'} | "
+                    f"{_probe_cells(record)} |")
     return "\n".join(rows)
 
 
@@ -236,13 +232,21 @@ def results_table(results_path: Path) -> str:
     for record in map(json.loads, results_path.read_text().splitlines()):
         if record.get("split", "test") != "test" or not record.get("probe", True):
             continue
-        seconds = record.get("pretrain_seconds")
-        probes = [f"{record[key] * 100:.2f}" for key in ("knn20_top1", "knn200_top1", "linear_top1")]
-        rows.append(f"| {record['run'].removeprefix('small_')} | {record['steps']} | {record['seed']} | "
-                    f"{record.get('epochs', '-')} | "
-                    f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')} | "
-                    f"{' | '.join(probes)} |")
+        rows.append(f"| {record['run'].removeprefix('small_')} | {_budget_cells(record)} | {_probe_cells(record)} |")
     return "\n".join(rows)
+
+
+def _budget_cells(record: dict) -> str:
+    """Steps, seed, epochs, pretraining minutes and images/s, as table cells."""
+    seconds = record.get("pretrain_seconds")
+    return (f"{record['steps']} | {record['seed']} | {record.get('epochs', '-')} | "
+            f"{round(seconds / 60, 1) if seconds else '-'} | {record.get('images_per_s', '-')}")
+
+
+def _probe_cells(record: dict) -> str:
+    """kNN k=20, kNN k=200 and linear top-1 in %, as table cells ("-" for a probe not run)."""
+    return " | ".join(f"{record[key] * 100:.2f}" if key in record else "-"
+                      for key in ("knn20_top1", "knn200_top1", "linear_top1"))
 
 
 def _curve_by_minute(curve: list, points: int = 5) -> str:
