@@ -11,7 +11,9 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
+from . import metrics  # `hf_siamese.metrics.load_metric` after a plain `import hf_siamese`, as documented
 from .configuration_siamese import FRAMEWORK_DEFAULTS, FRAMEWORKS, SiameseConfig
+from .hub import image_processor_for, save_image_processor
 from .image_processing_siamese import SiameseImageProcessor
 from .modeling_siamese import (
     SiameseForImageClassification,
@@ -41,4 +43,6 @@ __all__ = [
     "SiameseModel",
     "SiamesePreTrainedModel",
     "SiamesePreTrainingOutput",
+    "image_processor_for",
+    "save_image_processor",
 ]

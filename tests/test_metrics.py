@@ -1,5 +1,9 @@
 """The evaluate metric modules shipped in hf_siamese/metrics load offline and compute what they say."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,3 +37,13 @@ def test_classification_accuracy_matches_a_direct_computation():
     assert result == pytest.approx({"top1": (logits.argmax(1) == labels).float().mean().item(), "top5": top5})
     assert set(classification_accuracy(logits[:, :5], labels.clamp(max=4))) == {"top1"}  # top-5 of 5 classes is 1
     assert set(classification_accuracy(logits[:, :6], labels.clamp(max=5))) == {"top1", "top5"}
+
+
+def test_documented_call_works_after_a_plain_import_hf_siamese():
+    """A fresh interpreter: an import of ``hf_siamese.metrics`` done by another test cannot hide a missing one."""
+    code = ("import hf_siamese; "
+            "print(hf_siamese.metrics.load_metric('accuracy').compute(predictions=[0, 1], references=[0, 0]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "{'accuracy': 0.5}" in result.stdout
