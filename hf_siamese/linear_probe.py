@@ -1,25 +1,29 @@
 """The ``run_linear_probe.py`` job: a frozen encoder + a labelled dataset -> kNN and linear-probe accuracies.
 
-Flow: load the model (any ``AutoModel`` checkpoint) -> extract features of the train and eval splits once ->
-weighted kNN (k = 20, 200) -> linear heads (``cached`` or ``augmented`` protocol) for every probed level ->
-accuracies through the shipped ``evaluate`` metrics -> ``eval_results.json`` and the model card's ``model-index``.
+Flow: load the model (any ``AutoModel`` checkpoint) -> load the train and eval splits (one source each, labels
+matched by class name, images shared with training reported) -> extract features of both once -> weighted kNN
+(k = 20, 200) -> linear heads (``cached`` or ``augmented`` protocol) for every probed level -> accuracies through
+the shipped ``evaluate`` metrics -> ``eval_results.json`` and the model card's ``model-index``.
 """
 
+import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from .data import FASHION_MNIST, DataArguments, load_raw_dataset
+from .data import FASHION_MNIST, DataArguments, find_image_column, load_raw_dataset, undecoded
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 from .model_card import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
 from .pictures import write_pictures
+from .sources import DATASET, FILES, FOLDER, check_image_folder, check_one_source, resolve_data_files
 from .views import EVAL_CROP_PCT
 from .probing import (
     LAST,
@@ -29,6 +33,7 @@ from .probing import (
     LabelledImages,
     Level,
     ProbeSchedule,
+    SkippedImages,
     autocast_dtype,
     extract_features,
     fit_augmented_probe,
@@ -41,6 +46,7 @@ from .probing import (
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("cached", "augmented")
+SPLITS = {"train": "training", "eval": "evaluation"}  # the probe's splits, and how messages call them
 
 
 @dataclass
@@ -48,7 +54,9 @@ class ProbeArguments:
     """What to probe, on which data, and how; names follow the pretraining script where they overlap."""
 
     model_name_or_path: str = field(metadata={"help": "hf_siamese checkpoint, or any model AutoModel loads."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, or 'fashion_mnist'."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or 'fashion_mnist': both splits (no `*_dir`/`*_data_files`)."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split the probes are trained on."})
     eval_split: str = field(default="test", metadata={"help": "Split the probes are evaluated on."})
@@ -103,10 +111,14 @@ class ProbeArguments:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         autocast_dtype(self.mixed_precision)  # validates it
         self.knn_neighbours  # noqa: B018 (validates `knn_k`)
-        for split in ("train", "eval"):
-            if not (self.dataset_name or getattr(self, f"{split}_dir") or getattr(self, f"{split}_data_files")):
+        for split, which in SPLITS.items():
+            if not check_one_source(self._source_fields(split), f"The probe's {which} data"):
                 raise ValueError(f"No {split} data: set `dataset_name` (with `{split}_split`), `{split}_dir` or "
                                  f"`{split}_data_files`.")
+        if _reads_training_images(self.resolved_source("train"), self.resolved_source("eval")):
+            raise ValueError(f"The evaluation data, {self.describe_source('eval')}, holds the training data's images "
+                             f"({self.describe_source('train')}): the probe would score on its training images. "
+                             "Evaluate on held-out images: another `eval_split`, `eval_dir` or `eval_data_files`.")
 
     @property
     def knn_neighbours(self) -> list[int]:
@@ -129,17 +141,51 @@ class ProbeArguments:
     def eval_split_name(self) -> str:
         return self.eval_split if self.dataset_name else self.eval_dir or self.eval_data_files or "eval"
 
+    def _source_fields(self, split: str) -> dict[str, str | None]:
+        """The fields that can give ``split``'s ("train" or "eval") images; exactly one may be set."""
+        return {"dataset_name": self.dataset_name, f"{split}_dir": getattr(self, f"{split}_dir"),
+                f"{split}_data_files": getattr(self, f"{split}_data_files")}
+
+    def _source_field(self, split: str) -> str:
+        return next(name for name, value in self._source_fields(split).items() if value)
+
+    def describe_source(self, split: str) -> str:
+        """``split``'s source as messages name it: "`eval_dir` 'val'", "`dataset_name` 'x' (split 'test')"."""
+        field = self._source_field(split)
+        described = f"`{field}` {getattr(self, field)!r}"
+        return described + (f" (split {self._split_name(split)!r})" if field == "dataset_name" else "")
+
+    def resolved_source(self, split: str) -> tuple:
+        """What ``split`` reads, resolved so that two spellings of one source compare equal; a folder or a glob is
+        checked here, before anything loads, and named by its field."""
+        field = self._source_field(split)
+        value = getattr(self, field)
+        if field == "dataset_name":
+            return DATASET, value, self.dataset_config, self._split_name(split)
+        if field == f"{split}_dir":
+            return FOLDER, check_image_folder(value, field).resolve()
+        return FILES, frozenset(Path(file).resolve() for file in resolve_data_files(value, field))
+
+    def _split_name(self, split: str) -> str:
+        return self.train_split if split == "train" else self.eval_split
+
     def split_data(self, split: str) -> DataArguments:
         """The :class:`DataArguments` that load the ``train`` or ``eval`` split."""
         train = split == "train"
         return DataArguments(
-            dataset_name=self.dataset_name, dataset_config=self.dataset_config,
-            split=self.train_split if train else self.eval_split,
+            dataset_name=self.dataset_name, dataset_config=self.dataset_config, split=self._split_name(split),
             train_dir=self.train_dir if train else self.eval_dir,
             data_files=self.train_data_files if train else self.eval_data_files,
             image_column=self.image_column,
             max_train_samples=self.max_train_samples if train else self.max_eval_samples,
         )
+
+
+def _reads_training_images(train: tuple, evaluation: tuple) -> bool:
+    """Whether the evaluation source is the training one (data files: every evaluation file is a training file)."""
+    if train[0] == evaluation[0] == FILES:
+        return evaluation[1] <= train[1]
+    return train == evaluation
 
 
 def parse_levels(spec: str, model) -> list[Level]:
@@ -189,9 +235,10 @@ def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | N
     levels = parse_levels(args.probe_levels, model)
     stages = [level for level in levels if level != LAST]
     progress = not args.disable_tqdm
-    train_raw, eval_raw = load_raw_dataset(args.split_data("train")), load_raw_dataset(args.split_data("eval"))
+    train_raw, eval_raw = load_probe_data(args)
     num_classes = _num_classes(train_raw, eval_raw, args.label_column)
     frozen = FrozenEncoderCheck(model)
+    skipped = {split: SkippedImages(split) for split in SPLITS}
 
     extract = dict(label_column=args.label_column, image_column=args.image_column, levels=stages,
                    batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
@@ -199,16 +246,11 @@ def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | N
                    mixed_precision=args.mixed_precision)
     # Cached training features serve kNN and the cached protocol; the augmented one re-encodes every epoch.
     needs_train_features = bool(args.knn_neighbours) or args.protocol == "cached"
-    train_features = extract_features(model, train_raw, **extract) if needs_train_features else None
-    eval_features = extract_features(model, eval_raw, **extract)
+    train_features = (extract_features(model, train_raw, **extract, skipped=skipped["train"])
+                      if needs_train_features else None)
+    eval_features = extract_features(model, eval_raw, **extract, skipped=skipped["eval"])
 
-    common = {"dataset": args.dataset_id, "split": args.eval_split_name, "num_train": len(train_raw),
-              "num_eval": len(eval_features.labels)}
-    results = []
-    if args.knn_neighbours:
-        knn = _knn_results(args, train_features, eval_features, levels, num_classes)
-        results += [{**record, **common} for record in knn]
-
+    results = _knn_results(args, train_features, eval_features, levels, num_classes) if args.knn_neighbours else []
     schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
                              optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
                              weight_decay=args.weight_decay, batchnorm=args.head_batchnorm, seed=args.seed)
@@ -218,14 +260,18 @@ def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | N
         images = LabelledImages(train_raw, spec.train_transform(), num_channels=spec.num_channels,
                                 label_column=args.label_column, image_column=args.image_column)
         heads = fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress,
-                                    args.mixed_precision)
+                                    args.mixed_precision, skipped=skipped["train"])
     frozen.verify(model)
     for level, logits in predict(heads, eval_features).items():
         for name, value in classification_accuracy(logits, eval_features.labels).items():
             results.append({"metric": f"{name}_accuracy", "value": value, "protocol": args.protocol, "level": level,
-                            "epochs": args.num_train_epochs, **common})
-    pictures = _pictures(args, output_dir, train_features, eval_features, (train_raw, eval_raw), spec, num_classes)
-    return results, pictures
+                            "epochs": args.num_train_epochs})
+    common = {"dataset": args.dataset_id, "split": args.eval_split_name,
+              "num_train": len(train_raw) - len(skipped["train"]), "num_eval": len(eval_features.labels),
+              "skipped_images": {split: len(images) for split, images in skipped.items()}}
+    decodable = tuple(skipped[split].kept(raw) for split, raw in zip(SPLITS, (train_raw, eval_raw)))
+    pictures = _pictures(args, output_dir, train_features, eval_features, decodable, spec, num_classes)
+    return [{**record, **common} for record in results], pictures
 
 
 def _pictures(args: ProbeArguments, output_dir: Path, train: Features | None, evaluation: Features, raw: tuple,
@@ -242,7 +288,8 @@ def _pictures(args: ProbeArguments, output_dir: Path, train: Features | None, ev
                            for split in raw)
     pictures = write_pictures(output_dir, train.features, train.labels, evaluation.features, evaluation.labels,
                               lambda index: bank_images[index][0], lambda index: images[index][0],
-                              _class_names(raw[0], args.label_column, num_classes), seed=args.seed)
+                              _class_names(raw[0], args.label_column) or [str(label) for label in range(num_classes)],
+                              seed=args.seed)
     if pictures:
         pictures["seconds"] = round(time.perf_counter() - started, 1)
         logger.info("Drew %s and %s in %s in %.1f s", pictures["gallery"], pictures["embedding_map"], output_dir,
@@ -250,9 +297,10 @@ def _pictures(args: ProbeArguments, output_dir: Path, train: Features | None, ev
     return pictures
 
 
-def _class_names(raw, label_column: str, num_classes: int) -> list[str]:
+def _class_names(raw, label_column: str) -> list[str] | None:
+    """The class names of a ``ClassLabel`` label column (image folders, Hub datasets); ``None`` for plain ids."""
     names = getattr((raw.features or {}).get(label_column), "names", None)
-    return list(names) if names else [str(label) for label in range(num_classes)]
+    return list(names) if names else None
 
 
 def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: list[Level],
@@ -269,12 +317,96 @@ def _knn_results(args: ProbeArguments, train: Features, test: Features, levels: 
     return results
 
 
+def load_probe_data(args: ProbeArguments) -> tuple:
+    """The training and evaluation splits, both labelled, the evaluation labels numbered as the training ones."""
+    train, evaluation = (load_raw_dataset(args.split_data(split)) for split in SPLITS)
+    for split, raw in zip(SPLITS, (train, evaluation)):
+        _check_labelled(raw, args, split)
+    evaluation = align_labels(train, evaluation, args.label_column,
+                              sources=(args.describe_source("train"), args.describe_source("eval")))
+    warn_about_shared_images(train, evaluation, args.image_column)
+    return train, evaluation
+
+
+def _check_labelled(raw, args: ProbeArguments, split: str) -> None:
+    """An empty split, or one without the label column, is an error naming its source (a folder's says how)."""
+    which, source = SPLITS[split], args.describe_source(split)
+    if len(raw) == 0:
+        raise ValueError(f"The probe's {which} data, {source}, is empty (0 rows).")
+    folder = getattr(args, f"{split}_dir")
+    if folder and args.label_column not in raw.column_names and "label" not in raw.column_names:
+        raise ValueError(f"The probe's {which} data, {source}, has no class subfolders, so no labels: the probe needs "
+                         f"one subfolder per class (at least two, at the same depth), e.g. "
+                         f"{Path(folder) / 'cat' / '1.png'} and {Path(folder) / 'dog' / '2.png'}.")
+    require_label_column(raw, args.label_column, context=f"Probe {which} data, {source}: ")
+
+
+def align_labels(train, evaluation, label_column: str, sources: tuple[str, str] = ("train", "eval")):
+    """``evaluation`` with its label ids renumbered by class name as ``train``'s: image folders number each folder's
+    classes alphabetically, so a class missing from one split would shift the ids of every later class."""
+    train_names, eval_names = _class_names(train, label_column), _class_names(evaluation, label_column)
+    if train_names is None and eval_names is None:
+        return evaluation  # plain integer ids on both sides: taken as given
+    if train_names is None or eval_names is None:
+        named, plain = sources if eval_names is None else sources[::-1]
+        raise ValueError(f"`label_column` {label_column!r} holds class names (a ClassLabel) in {named} but plain "
+                         f"integer ids in {plain}: the probe cannot tell which id is which class. Give both splits "
+                         "named classes (image folders, or the same ClassLabel) or both plain ids.")
+    unknown = [name for name in eval_names if name not in train_names]
+    if unknown:
+        raise ValueError(f"Evaluation class(es) {unknown} of {sources[1]} are not classes of the training data "
+                         f"{sources[0]} ({train_names}): the probe cannot predict a class it never trained on.")
+    absent = [name for name in train_names if name not in eval_names]
+    if absent:
+        logger.warning("Training class(es) %s of %s are absent from the evaluation data %s; the other classes are "
+                       "matched by name.", absent, sources[0], sources[1])
+    if eval_names == train_names:
+        return evaluation
+    train_ids = {name: index for index, name in enumerate(train_names)}
+    renumbered = {index: train_ids[name] for index, name in enumerate(eval_names)}
+    labels = [renumbered.get(label, label) for label in evaluation[label_column]]  # -1 (unlabelled) stays -1
+    column = f"{label_column} (renumbered)"  # added beside the old column: no rewrite of the images
+    aligned = evaluation.add_column(column, labels, feature=train.features[label_column])
+    return aligned.remove_columns(label_column).rename_column(column, label_column)
+
+
+def warn_about_shared_images(train, evaluation, image_column: str | None) -> int:
+    """Warn with the count of evaluation images byte-identical to training images, and return it.
+
+    A warning, not an error: real datasets have duplicates across splits. The encoded bytes are hashed, undecoded.
+    """
+    train_digests = set(image_digests(train, image_column))
+    shared = sum(digest in train_digests for digest in image_digests(evaluation, image_column) if digest)
+    if shared:
+        logger.warning("%d of %d evaluation images (%.1f%%) are byte-identical to training images: the probe's "
+                       "scores on them are scores on training images.", shared, len(evaluation),
+                       100 * shared / len(evaluation))
+    return shared
+
+
+def image_digests(dataset, image_column: str | None) -> list[bytes | None]:
+    """A hash of each row's encoded image (``None`` where there is none), read without decoding."""
+    column = find_image_column(list(dataset.column_names), image_column)
+    rows = undecoded(dataset, column).select_columns([column])
+    return [_digest(value) for batch in rows.iter(batch_size=1024) for value in batch[column]]
+
+
+def _digest(value) -> bytes | None:
+    if isinstance(value, dict):  # datasets.Image(decode=False): the file's bytes, else its path
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        try:
+            value = Path(value).read_bytes()
+        except OSError:
+            return None
+    if value is None:
+        return None
+    encoded = value if isinstance(value, (bytes, bytearray)) else np.asarray(value).tobytes()
+    return hashlib.blake2b(encoded, digest_size=16).digest() if encoded else None
+
+
 def _num_classes(train_raw, eval_raw, label_column: str) -> int:
     """Classes of the label column: its ``ClassLabel`` size, else the largest label + 1 (labels checked)."""
-    for raw, which in ((train_raw, "training"), (eval_raw, "evaluation")):
-        if len(raw) == 0:
-            raise ValueError(f"The probe's {which} data is empty (0 rows).")
-        require_label_column(raw, label_column, context=f"Probe {which} data: ")
     feature = train_raw.features.get(label_column) if train_raw.features else None
     if getattr(feature, "num_classes", None):
         return feature.num_classes
@@ -330,6 +462,10 @@ def format_results(results: list[dict]) -> str:
     for record in results:
         protocol = f"knn k={record['k']}" if record["protocol"] == "knn" else record["protocol"]
         lines.append(f"{protocol:<12}{record['level']!s:<8}{record['metric']:<16}{record['value']:>8.2%}")
+    skipped = results[0].get("skipped_images", {}) if results else {}
+    if any(skipped.values()):
+        counts = ", ".join(f"{count} {split}" for split, count in skipped.items())
+        lines.append(f"Skipped undecodable images: {counts} (logged with their files or rows).")
     return "\n".join(lines)
 
 

@@ -6,8 +6,10 @@
   as in mmselfsup's feature1-5), initialised N(0, 0.01) with zero bias, on features of an encoder that stays in
   eval mode and never changes (:class:`FrozenEncoderCheck` proves it). ``cached``: features extracted once without
   augmentation. ``augmented``: every epoch RandomResizedCrop + flip through the encoder (SimSiam, MoCo v3).
+* An undecodable image is skipped, logged once and counted (:class:`SkippedImages`), as in pretraining.
 """
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from .configuration_siamese import SiameseConfig
 from .data import UndecodableImage, find_image_column, open_image, undecoded
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .views import EVAL_CROP_PCT, eval_transform, image_mode, linear_probe_transform
+
+logger = logging.getLogger(__name__)
 
 LAST = "last"
 Level = int | str  # a 1-based stage index, or LAST for the encoder's pooled output
@@ -64,8 +68,48 @@ class InputSpec:
         return linear_probe_transform(self.image_size, self.num_channels, self.image_mean, self.image_std)
 
 
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image of the probe data that cannot be decoded: its row in the source, its file if it has one, and why."""
+
+    row: int
+    path: str | None
+    reason: str
+
+    @property
+    def where(self) -> str:
+        return f"row {self.row}, file {self.path}" if self.path else f"row {self.row}"
+
+
+class SkippedImages:
+    """The undecodable images of one split, each logged and counted once however often an epoch re-reads it."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self.by_row: dict[int, SkippedImage] = {}
+
+    def add(self, images: Iterable[SkippedImage]) -> None:
+        for image in images:
+            if image.row not in self.by_row:
+                self.by_row[image.row] = image
+                logger.warning("Skipping an undecodable %s image (%s): %s", self.split, image.where, image.reason)
+
+    def __len__(self) -> int:
+        return len(self.by_row)
+
+    def kept(self, dataset):
+        """``dataset`` without the skipped rows, so that its row ``i`` is the ``i``-th extracted feature."""
+        if not self.by_row:
+            return dataset
+        return dataset.select([row for row in range(len(dataset)) if row not in self.by_row])
+
+
 class LabelledImages(Dataset):
-    """``(pixels, label)`` pairs of a map-style dataset; an undecodable image is an error naming its row."""
+    """``(pixels, label)`` pairs of a map-style dataset; an undecodable image comes back as a :class:`SkippedImage`.
+
+    The bad rows are found by the pass that decodes every image anyway (:func:`collate_decodable` sets them
+    aside), not by a filter up front that would decode the whole dataset twice.
+    """
 
     def __init__(self, dataset, transform: Callable, *, num_channels: int, label_column: str = "label",
                  image_column: str | None = None):
@@ -79,13 +123,29 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedImage:
         row = self.dataset[index]
+        value = row[self.image_column]
         try:
-            image = open_image(row[self.image_column], self.mode)
+            image = open_image(value, self.mode)
         except UndecodableImage as error:
-            raise UndecodableImage(f"Row {index} of the probe data, column {self.image_column!r}: {error}") from error
+            return SkippedImage(index, _file_of(value), str(error))
         return self.transform(image), int(row[self.label_column])
+
+
+def _file_of(value) -> str | None:
+    """The file an image value comes from, if it says (imagefolder's undecoded dict, a column of paths)."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, str) else None
+
+
+def collate_decodable(samples: list) -> tuple[torch.Tensor | None, torch.Tensor, list[SkippedImage]]:
+    """``(pixels, labels, skipped)`` of a batch of :class:`LabelledImages` samples (``None`` pixels: none decoded)."""
+    decoded = [sample for sample in samples if not isinstance(sample, SkippedImage)]
+    skipped = [sample for sample in samples if isinstance(sample, SkippedImage)]
+    pixels = torch.stack([pixels for pixels, _ in decoded]) if decoded else None
+    return pixels, torch.tensor([label for _, label in decoded], dtype=torch.long), skipped
 
 
 def require_label_column(dataset, label_column: str, context: str = "") -> None:
@@ -149,25 +209,33 @@ def _pooled_output(output) -> torch.Tensor:
 def extract_features(model, dataset, *, label_column: str = "label", image_column: str | None = None,
                      batch_size: int = 256, num_workers: int = 0, progress: bool = True,
                      levels: list[int] | None = None, transform: Callable | None = None,
-                     input_spec: InputSpec | None = None, mixed_precision: str = "no") -> Features:
-    """Pooled features of every image of a map-style ``dataset`` through a frozen encoder in eval mode.
+                     input_spec: InputSpec | None = None, mixed_precision: str = "no",
+                     skipped: SkippedImages | None = None) -> Features:
+    """Pooled features of every decodable image of a map-style ``dataset`` through a frozen encoder in eval mode.
 
     Images go through ``transform``, by default ``input_spec``'s (by default the model's) evaluation transform.
     ``levels`` (1-based stage indices of an hf_siamese model) also collects those stages' pooled features.
-    ``mixed_precision``: as in :func:`encode`.
+    ``mixed_precision``: as in :func:`encode`. Undecodable images are left out and recorded in ``skipped``
+    (``skipped.kept(dataset)`` gives the rows of the features).
     """
     spec = input_spec or InputSpec.from_model(model)
+    skipped = skipped if skipped is not None else SkippedImages("probe")
     images = LabelledImages(dataset, transform or spec.eval_transform(), num_channels=spec.num_channels,
                             label_column=label_column, image_column=image_column)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_decodable)
     model.eval()
     device = next(model.parameters()).device
     chunks: dict[Level, list[torch.Tensor]] = {level: [] for level in [LAST, *(levels or [])]}
     labels = []
-    for pixels, batch_labels in tqdm(loader, desc="features", disable=not progress):
+    for pixels, batch_labels, batch_skipped in tqdm(loader, desc="features", disable=not progress):
+        skipped.add(batch_skipped)
+        if pixels is None:
+            continue
         for level, pooled in encode(model, pixels.to(device), levels or [], mixed_precision).items():
             chunks[level].append(pooled.cpu())
         labels.append(batch_labels)
+    if not labels:
+        raise ValueError(f"Every image of the {skipped.split} data is undecodable ({len(skipped)} skipped).")
     stacked = {level: torch.cat(parts) for level, parts in chunks.items()}
     last = stacked.pop(LAST)
     return Features(last, torch.cat(labels), stacked if levels else None)
@@ -299,30 +367,46 @@ def _check_trainable(count: int) -> None:
 
 def fit_augmented_probe(model, images: LabelledImages, levels: list[Level], num_classes: int,
                         schedule: ProbeSchedule, num_workers: int = 0, progress: bool = True,
-                        mixed_precision: str = "no") -> ProbeHeads:
-    """Linear heads trained on freshly augmented views every epoch, through the frozen encoder in eval mode."""
+                        mixed_precision: str = "no", skipped: SkippedImages | None = None) -> ProbeHeads:
+    """Linear heads trained on freshly augmented views every epoch, through the frozen encoder in eval mode.
+
+    Undecodable images are left out of every batch and recorded once in ``skipped``.
+    """
     device = next(model.parameters()).device
     stages = [level for level in levels if level != LAST]
+    skipped = skipped if skipped is not None else SkippedImages("probe training")
     model.eval()
     with torch.no_grad():
-        probe_batch = next(iter(DataLoader(images, batch_size=2)))[0].to(device)
-        features = encode(model, probe_batch, stages)
+        features = encode(model, _first_pixels(images).to(device), stages)
     dims = {level: features[level].shape[1] for level in levels}
     generator = torch.Generator().manual_seed(schedule.seed)
     heads = ProbeHeads(dims, num_classes, schedule.batchnorm, generator).to(device)
     _check_trainable(len(images))
     # A last batch of one image would stop BatchNorm in train mode: drop it (one image per epoch).
     loader = DataLoader(images, batch_size=schedule.batch_size, shuffle=True, num_workers=num_workers,
-                        generator=generator, drop_last=len(images) % schedule.batch_size == 1)
+                        generator=generator, drop_last=len(images) % schedule.batch_size == 1,
+                        collate_fn=collate_decodable)
 
     def epoch_batches(epoch: int):
-        for pixels, labels in loader:
+        for pixels, labels, batch_skipped in loader:
+            skipped.add(batch_skipped)
+            if len(labels) < 2:  # the rest of the batch undecodable: BatchNorm cannot train on one image
+                continue
             with torch.no_grad():
                 features = encode(model, pixels.to(device), stages, mixed_precision)
             yield {level: features[level] for level in levels}, labels.to(device)
 
     fit_heads(heads, epoch_batches, len(loader), schedule, progress)
     return heads
+
+
+def _first_pixels(images: LabelledImages) -> torch.Tensor:
+    """The first decoded images, a batch of up to 2: what the heads' input widths are measured on."""
+    batches = DataLoader(images, batch_size=2, collate_fn=collate_decodable)
+    pixels = next((pixels for pixels, _, _ in batches if pixels is not None), None)
+    if pixels is None:
+        raise ValueError("Every image of the probe's training data is undecodable.")
+    return pixels
 
 
 @torch.no_grad()
@@ -360,6 +444,8 @@ class OnlineKNN:
         self.bank, self.queries = bank, queries
         self.extract = dict(label_column=label_column, image_column=image_column, batch_size=batch_size,
                             progress=False)
+        # Kept across measurements, so that an undecodable image is logged once per run, not once per measurement.
+        self.skipped = {"bank": SkippedImages("online kNN bank"), "queries": SkippedImages("online kNN held-out")}
         self.k, self.temperature = k, temperature
 
     def measure(self, encoder) -> float:
@@ -367,8 +453,8 @@ class OnlineKNN:
         # fork_rng: creating DataLoader iterators draws from the global generator; training must not notice.
         with torch.random.fork_rng(devices=[]):
             try:
-                bank = extract_features(encoder, self.bank, **self.extract)
-                queries = extract_features(encoder, self.queries, **self.extract)
+                bank = extract_features(encoder, self.bank, **self.extract, skipped=self.skipped["bank"])
+                queries = extract_features(encoder, self.queries, **self.extract, skipped=self.skipped["queries"])
             finally:
                 encoder.train(was_training)
         predictions = knn_classify(bank, queries.features, k=self.k, temperature=self.temperature)

@@ -1,6 +1,12 @@
-"""`run_linear_probe.py` end to end on a tiny labelled dataset: both protocols, multi-level, results and card."""
+"""`run_linear_probe.py` end to end on a tiny labelled dataset: both protocols, multi-level, results and card;
+the probe's data: one source per split, labels matched by class name, training images kept out of evaluation,
+undecodable images skipped and counted."""
 
+import io
 import json
+import logging
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +22,8 @@ from transformers import TimmWrapperConfig, TimmWrapperImageProcessor, TimmWrapp
 
 import run_linear_probe
 from hf_siamese import SiameseModel
-from hf_siamese.linear_probe import ProbeArguments, load_encoder, parse_levels
+from hf_siamese.linear_probe import ProbeArguments, align_labels, load_encoder, parse_levels
+from hf_siamese.linear_probe import run_linear_probe as probe_job
 from hf_siamese.probing import InputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +154,156 @@ def test_help_lists_the_fields():
                             text=True, check=True)
     for name in ("--protocol", "--probe_levels", "--knn_k", "--eval_data_files", "--max_eval_samples"):
         assert name in result.stdout
+
+
+SHADES = {"a_dark": 30, "b_mid": 130, "c_light": 230}  # imagefolder numbers class subfolders alphabetically
+
+
+def shade_folder(root: Path, count: int, classes=tuple(SHADES), seed: int = 0) -> Path:
+    """An image folder: ``count`` noisy grey PNGs in each class subfolder, a class being a grey level."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = np.clip(SHADES[name] + rng.normal(0, 8, (28, 28)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{index}.png")
+    return root
+
+
+def truncated_jpeg(path: Path) -> Path:
+    encoded = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(encoded, "JPEG")
+    path.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    return path
+
+
+def probe_folders(model_dir, train_dir, eval_dir, **fields) -> list[dict]:
+    """kNN (k = 5) and the cached probe of two image folders, at stage 1: this run's records alone."""
+    defaults = dict(model_name_or_path=str(model_dir), train_dir=str(train_dir), eval_dir=str(eval_dir), knn_k="5",
+                    probe_levels="1",  # a random encoder keeps the grey level best at its first stage
+                    num_train_epochs=10, per_device_train_batch_size=16, learning_rate=4.0, disable_tqdm=True,
+                    pictures=False)
+    return probe_job(ProbeArguments(**{**defaults, **fields}))
+
+
+def test_each_split_takes_exactly_one_source_checked_under_its_own_field(tmp_path, data):
+    folder = shade_folder(tmp_path / "val", 1)
+    with pytest.raises(ValueError, match="evaluation data has two sources, `dataset_name` 'fashion_mnist' and "
+                                         f"`eval_dir` '{re.escape(str(folder))}'"):
+        ProbeArguments(model_name_or_path="m", dataset_name="fashion_mnist", eval_dir=str(folder))
+    with pytest.raises(ValueError, match="training data has two sources, `dataset_name` 'fashion_mnist' and "
+                                         "`train_data_files`"):
+        ProbeArguments(model_name_or_path="m", dataset_name="fashion_mnist", train_data_files=data["train"])
+    with pytest.raises(FileNotFoundError, match="`eval_dir` '.*missing': the folder does not exist"):
+        ProbeArguments(model_name_or_path="m", train_data_files=data["train"], eval_dir=str(tmp_path / "missing"))
+    with pytest.raises(NotADirectoryError, match="`train_dir` '.*test.parquet' is a file"):
+        ProbeArguments(model_name_or_path="m", train_dir=data["test"], eval_dir=str(folder))
+    with pytest.raises(ValueError, match="`eval_data_files` takes parquet .* is a folder"):
+        ProbeArguments(model_name_or_path="m", train_data_files=data["train"], eval_data_files=str(folder))
+
+
+def test_eval_labels_are_matched_to_the_training_classes_by_name(tmp_path, model_dir, caplog):
+    train, full = shade_folder(tmp_path / "train", 8), shade_folder(tmp_path / "val", 6, seed=1)
+    for name in ("b_mid", "c_light"):  # without a_dark, imagefolder would number b_mid 0 and c_light 1
+        shutil.copytree(full / name, tmp_path / "val_bc" / name)
+    whole = by_key(probe_folders(model_dir, train, full))
+    first = by_key(probe_folders(model_dir, train, full, max_eval_samples=6))  # rows in path order: a_dark's 6
+    with caplog.at_level(logging.WARNING, logger="hf_siamese"):
+        bc = by_key(probe_folders(model_dir, train, tmp_path / "val_bc"))
+    assert min(bc.values()) >= 0.9
+    for key, value in whole.items():  # every image is scored as it is in the whole folder
+        assert value * 18 == pytest.approx(first[key] * 6 + bc[key] * 12)
+    absent = [record.message for record in caplog.records if "absent from the evaluation data" in record.message]
+    assert len(absent) == 1 and "['a_dark']" in absent[0]
+
+
+def test_an_eval_class_the_training_data_lacks_is_an_error_naming_it_and_both_sources(tmp_path, model_dir):
+    train = shade_folder(tmp_path / "train", 4, classes=("b_mid", "c_light"))
+    val = shade_folder(tmp_path / "val", 2, seed=1)
+    with pytest.raises(ValueError, match=rf"class\(es\) \['a_dark'\] of `eval_dir` '{re.escape(str(val))}' are not "
+                                         rf"classes of the training data `train_dir` '{re.escape(str(train))}'"):
+        probe_folders(model_dir, train, val)
+
+
+def test_class_names_on_one_side_only_are_an_error_and_plain_ids_are_taken_as_given():
+    def labels(values, names=None):
+        feature = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
+        return datasets.Dataset.from_dict({"label": values}, features=datasets.Features({"label": feature}))
+
+    named, plain = labels([0, 1], ["cat", "dog"]), labels([1, 0])
+    with pytest.raises(ValueError, match="class names \\(a ClassLabel\\) in `train_dir` 'a' but plain integer ids "
+                                         "in `eval_data_files` 'b'"):
+        align_labels(named, plain, "label", sources=("`train_dir` 'a'", "`eval_data_files` 'b'"))
+    assert align_labels(plain, plain, "label") is plain
+    reordered = align_labels(named, labels([0, 1], ["dog", "cat"]), "label")
+    assert list(reordered["label"]) == [1, 0] and reordered.features["label"].names == ["cat", "dog"]
+
+
+def test_evaluating_on_the_training_source_is_refused(tmp_path, data):
+    folder = shade_folder(tmp_path / "images", 1)
+    same = "the probe would score on its training images"
+    named = re.escape(str(folder))
+    with pytest.raises(ValueError, match=f"`eval_dir` '{named}/\\.'.*`train_dir` '{named}'.*{same}"):
+        ProbeArguments(model_name_or_path="m", train_dir=str(folder), eval_dir=f"{folder}/.")
+    with pytest.raises(ValueError, match=same):
+        ProbeArguments(model_name_or_path="m", dataset_name="fashion_mnist", eval_split="train")
+    everything = str(Path(data["train"]).parent / "*.parquet")  # the evaluation file among the training files
+    with pytest.raises(ValueError, match=same):
+        ProbeArguments(model_name_or_path="m", train_data_files=everything, eval_data_files=data["test"])
+    ProbeArguments(model_name_or_path="m", dataset_name="fashion_mnist", eval_split="train[50000:]",
+                   train_split="train[:50000]")  # two parts of a split: their shared images are only counted
+
+
+def test_eval_images_identical_to_training_images_are_counted_in_a_warning(tmp_path, model_dir, data, caplog):
+    train, test = (datasets.load_dataset("parquet", data_files=data[name], split="train") for name in ("train", "test"))
+    mixed = str(tmp_path / "mixed.parquet")
+    datasets.concatenate_datasets([test, train.select(range(3))]).to_parquet(mixed)
+    with caplog.at_level(logging.WARNING, logger="hf_siamese"):
+        probe(model_dir, {"train": data["train"], "test": mixed}, "--knn_k", "5", "--num_train_epochs", "1")
+    assert "3 of 27 evaluation images (11.1%) are byte-identical to training images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_siamese"):
+        probe(model_dir, data, "--knn_k", "5", "--num_train_epochs", "1")
+    assert "byte-identical" not in caplog.text
+
+
+def test_a_folder_without_class_subfolders_says_the_probe_needs_them(tmp_path, model_dir):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, image in enumerate(grey_images(4, seed=2)[0]):
+        image.save(flat / f"{index}.png")
+    with pytest.raises(ValueError, match=f"evaluation data, `eval_dir` '{re.escape(str(flat))}', has no class "
+                                         "subfolders.*one subfolder per class"):
+        probe_folders(model_dir, shade_folder(tmp_path / "train", 2), flat)
+
+
+def test_undecodable_images_are_skipped_logged_with_their_split_and_file_and_counted_once(tmp_path, model_dir,
+                                                                                          caplog, capsys):
+    train, val = shade_folder(tmp_path / "train", 8), shade_folder(tmp_path / "val", 6, seed=1)
+    broken = {"train": truncated_jpeg(train / "b_mid" / "broken.jpg"),
+              "eval": truncated_jpeg(val / "c_light" / "broken.jpg")}
+
+    def run(*extra) -> list[dict]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_siamese"):
+            run_linear_probe.main(["--model_name_or_path", str(model_dir), "--train_dir", str(train), "--eval_dir",
+                                   str(val), "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
+                                   "--disable_tqdm", "true", *extra])
+        return json.loads((model_dir / "eval_results.json").read_text())["results"]
+
+    def skip_messages(split: str) -> list[str]:
+        name = f"{broken[split].parent.name}/{broken[split].name}"
+        return [record.message for record in caplog.records
+                if f"undecodable {split} image" in record.message and name in record.message]
+
+    records = run("--knn_k", "5")  # pictures on: drawn from the decodable rows
+    assert (model_dir / "knn_gallery.png").is_file()
+    assert [record["skipped_images"] for record in records] == [{"train": 1, "eval": 1}] * len(records)
+    assert {(record["num_train"], record["num_eval"]) for record in records} == {(24, 18)}
+    assert len(skip_messages("train")) == len(skip_messages("eval")) == 1
+    assert "Skipped undecodable images: 1 train, 1 eval" in capsys.readouterr().out
+
+    records = run("--protocol", "augmented", "--knn_k", "", "--pictures", "false")  # 3 epochs re-read the image
+    augmented = [record["skipped_images"] for record in records if record["protocol"] == "augmented"]
+    assert augmented == [{"train": 1, "eval": 1}]
+    assert len(skip_messages("train")) == 1

@@ -1,3 +1,6 @@
+import io
+import logging
+
 import datasets
 import pytest
 import torch
@@ -10,6 +13,7 @@ from hf_siamese.probing import (
     Features,
     FrozenEncoderCheck,
     ProbeSchedule,
+    SkippedImages,
     extract_features,
     fit_cached_probe,
     knn_classify,
@@ -50,6 +54,32 @@ def test_extract_features_from_a_dataset():
     assert result.features.shape == (5, 512) and result.labels.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="`label_column` 'target'"):
         extract_features(model, dataset, label_column="target", progress=False)
+
+
+def test_extract_features_skips_undecodable_images_and_records_each_once(caplog):
+    model = SiameseModel(tiny_config(num_channels=1))
+    encoded = []
+    for image in structured_images(4, size=28, mode="L"):
+        encoded.append(io.BytesIO())
+        image.save(encoded[-1], "PNG")
+    images = [{"bytes": png.getvalue(), "path": None} for png in encoded]
+    images.insert(2, {"bytes": b"not an image", "path": None})
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 2, 3, 4]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    skipped = SkippedImages("eval")
+    with caplog.at_level(logging.WARNING, logger="hf_siamese"):
+        for _ in range(2):  # read twice, as the augmented protocol re-reads every epoch: one image, logged once
+            result = extract_features(model, dataset, batch_size=2, progress=False, skipped=skipped)
+    assert result.labels.tolist() == [0, 1, 3, 4] and len(result.features) == 4
+    assert len(skipped) == 1 and skipped.by_row[2].where == "row 2"
+    assert "UnidentifiedImageError" in skipped.by_row[2].reason
+    assert [record.message for record in caplog.records if "undecodable" in record.message] == [
+        f"Skipping an undecodable eval image (row 2): {skipped.by_row[2].reason}"]
+    assert list(skipped.kept(dataset)["label"]) == [0, 1, 3, 4]  # row i of the kept rows is feature i
+    with pytest.raises(ValueError, match="Every image of the probe data is undecodable \\(1 skipped\\)"):
+        extract_features(model, dataset.select([2]), progress=False)
 
 
 def test_extract_features_per_level():
