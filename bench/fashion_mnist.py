@@ -143,14 +143,16 @@ def pretrain_recipe(recipe: Path, args: argparse.Namespace, output_dir: Path) ->
         "--checkpointing_steps", str(args.checkpoint_every), "--checkpoints_total_limit", "1",
         "--resume_from_checkpoint", "latest",
     ])
-    result = train(config, data_args, train_args)
+    if not (output_dir / "training_run.json").is_file():  # a run that finished before a kill is not run again
+        train(config, data_args, train_args)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     run_info = json.loads((output_dir / "training_run.json").read_text())
-    return {"pretrain_seconds": round(result.train_seconds, 1), "epochs": round(run_info["epochs"], 2),
+    losses = [record for record in records if "loss" in record]
+    return {"pretrain_seconds": round(run_info["train_seconds"], 1), "epochs": round(run_info["epochs"], 2),
             "images_per_s": median_images_per_second(output_dir),
             "processes": run_info["processes"], "cpu_threads": torch.get_num_threads(),
-            "final_loss": round(result.loss, 4),
-            "loss_curve": [[r["step"], round(r["loss"], 4)] for r in records if "loss" in r],
+            "final_loss": round(losses[-1]["loss"], 4),
+            "loss_curve": [[r["step"], round(r["loss"], 4)] for r in losses],
             "knn_curve": [[r["step"], r["seconds"], r["knn_top1"]] for r in records if "knn_top1" in r]}
 
 

@@ -590,7 +590,7 @@ def check_deepspeed_bf16(ctx: Context, precision: str = "bf16") -> dict:
 def check_deepspeed_fp16_resume(ctx: Context, precision: str = "fp16") -> dict:
     output_dir = ctx.workdir / f"deepspeed_{precision}_resume"
     design = {"ladder_levels": LADDER}
-    first = deepspeed_launch(ctx, precision, output_dir, "byol", design, "--max_steps", "3",
+    first = deepspeed_launch(ctx, precision, output_dir, "byol", design, "--max_steps", "4",
                              "--checkpointing_steps", "2")
     record: dict = {"precision": precision, "framework": "byol", "design": design, "first_seconds": first.seconds}
     if not first.ok:
@@ -598,6 +598,8 @@ def check_deepspeed_fp16_resume(ctx: Context, precision: str = "fp16") -> dict:
     first_lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     record["first_steps"] = [json.loads(line)["step"] for line in first_lines]
     record["checkpoint_2"] = (output_dir / "checkpoint-2").is_dir()
+    for name in ("training_run.json", "model.safetensors"):  # as a run killed after checkpoint-2 leaves its folder
+        (output_dir / name).unlink(missing_ok=True)
     resumed = deepspeed_launch(ctx, precision, output_dir, "byol", design, "--max_steps", "4",
                                "--resume_from_checkpoint", "latest")
     record["resumed_seconds"] = resumed.seconds
@@ -609,7 +611,7 @@ def check_deepspeed_fp16_resume(ctx: Context, precision: str = "fp16") -> dict:
     # it would have rewritten steps 1 and 2 (with other throughputs).
     record["steps_1_2_kept"] = lines[:2] == first_lines[:2]
     record.update(finished_run(output_dir))
-    record["ok"] = (record["first_steps"] == [1, 2, 3] and record["checkpoint_2"] and record["steps"] == [1, 2, 3, 4]
+    record["ok"] = (record["first_steps"] == [1, 2, 3, 4] and record["checkpoint_2"] and record["steps"] == [1, 2, 3, 4]
                     and record["steps_1_2_kept"] and record["losses_finite"] and record["weights_finite"])
     return record
 

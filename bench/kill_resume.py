@@ -146,7 +146,8 @@ def kill_resume(trials: int, steps: int, checkpointing_steps: int, seed: int, wo
         torn += [f"{run_dir.name}: {name}" for name in torn_checkpoints(run_dir, reference)]
         if result["crashed"]:
             print(result["log"], file=sys.stderr)
-        if not result["killed"]:  # it finished before the kill: compare it, and interrupt a fresh run next
+        if not result["killed"] or (run_dir / "training_run.json").is_file():
+            # It finished before the kill (a finished run is not resumed): compare it, interrupt a fresh run next.
             finished.append(result["crashed"] is False and same_weights(reference / "model.safetensors",
                                                                        run_dir / "model.safetensors"))
             run_dir = work / f"run-{len(finished)}"

@@ -15,6 +15,7 @@ from accelerate.utils import (
 from .batchnorm import convert_sync_batchnorm
 from .configuration_siamese import SiameseConfig
 from .modeling_siamese import SiameseForPreTraining
+from .starting_model import load_starting_model
 from .training_args import PretrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
 
 
-def make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerator:
+def make_accelerator(args: PretrainingArguments, logging_dir: str | Path) -> Accelerator:
     """The run's ``Accelerator``: CPU, GPU, DDP or DeepSpeed from the launcher, precision and trackers from ``args``."""
     deepspeed = launched_with_deepspeed()
     # DeepSpeed on CPU: accelerate leaves the backend unset and sees one process unless told gloo.
@@ -54,7 +55,7 @@ def make_accelerator(args: PretrainingArguments, output_dir: Path) -> Accelerato
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps),
         deepspeed_plugin=_deepspeed_plugin(args) if deepspeed else None,
         log_with=_trackers(args.report_to),
-        project_dir=str(output_dir),
+        project_dir=str(logging_dir),
         kwargs_handlers=handlers,
     )
     _warn_if_bf16_is_emulated(accelerator)
@@ -110,9 +111,7 @@ def _deepspeed_run_values(args: PretrainingArguments) -> dict:
 def build_model(config: SiameseConfig, args: PretrainingArguments, accelerator: Accelerator) -> SiameseForPreTraining:
     """The model to train (new or from ``model_name_or_path``), refused where DeepSpeed cannot train it as asked."""
     if args.model_name_or_path:
-        # Weights only from safetensors: a pickled checkpoint is never opened.
-        model = SiameseForPreTraining.from_pretrained(args.model_name_or_path, config=config, use_safetensors=True)
-        model.train()  # from_pretrained returns a model in eval mode
+        model = load_starting_model(args.model_name_or_path, config)
     else:
         model = SiameseForPreTraining(config)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

@@ -45,11 +45,15 @@ class ResumePoint:
     epoch: int = 0
     batches_done: int = 0
     seconds: float = 0.0
+    checkpoint: str | None = None  # the checkpoint it continues from
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoint, scheduler,
-                    total_limit: int | None = None) -> Path:
-    """Write ``output_dir/checkpoint-{step}`` (collective: every process calls it) and prune to ``total_limit``."""
+                    total_limit: int | None = None, run_settings: dict | None = None) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` (collective: every process calls it) and prune to ``total_limit``.
+
+    ``run_settings`` (schedule length, learning rate, batch) let a resume check that it continues the same run.
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{point.step}"
     temporary = output_dir / f"{TEMPORARY_PREFIX}{final.name}"
     if accelerator.is_main_process and temporary.exists():
@@ -60,7 +64,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, point: ResumePoi
     (temporary / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict(), "train_seconds": point.seconds}
+        state = {"global_step": point.step, "lr_scheduler": scheduler.state_dict(), "train_seconds": point.seconds,
+                 "run_settings": run_settings or {}}
         _sync_files(temporary)  # on disk before the marker, so that a host crash cannot leave empty files
         (temporary / TRAINER_STATE).write_text(json.dumps(state))  # written last: marks the save complete
         _sync_files(temporary, TRAINER_STATE)
@@ -113,18 +118,20 @@ def remove_unfinished(output_dir: Path) -> list[str]:
     return removed
 
 
-def load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str, scheduler) -> ResumePoint:
-    """Restore model, optimizer, schedule and random states from ``which`` ('latest' or a checkpoint path)."""
+def find_checkpoint(output_dir: Path, which: str) -> Path | None:
+    """The checkpoint ``which`` names ('latest': the newest complete one in ``output_dir``, ``None`` if there is
+    none; else a path, which must be a complete checkpoint)."""
     if which == "latest":
         checkpoints = completed_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("No checkpoint in %s: starting from scratch.", output_dir)
-            return ResumePoint()
-        path = checkpoints[-1]
-    else:
-        path = Path(which)
-        if not (path / TRAINER_STATE).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(which)
+    if not (path / TRAINER_STATE).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, output_dir: Path, path: Path, scheduler) -> ResumePoint:
+    """Restore model, optimizer, schedule and random states from the checkpoint at ``path``."""
     saved_processes = len(list(path.glob("data_state_*.json")))
     if saved_processes != accelerator.num_processes:
         raise ValueError(f"{path} was saved by {saved_processes} process(es); this run has {accelerator.num_processes}. "
@@ -145,7 +152,8 @@ def load_checkpoint(accelerator: Accelerator, output_dir: Path, which: str, sche
             logger.warning("Set aside %s: the run continues from the earlier %s.", later, path.name)
     accelerator.wait_for_everyone()
     logger.info("Resumed from %s at step %d", path, step)
-    return ResumePoint(step, data_state["epoch"], data_state["batches_done"], state.get("train_seconds", 0.0))
+    return ResumePoint(step, data_state["epoch"], data_state["batches_done"], state.get("train_seconds", 0.0),
+                       str(path))
 
 
 def verify_checkpoint_files(path: Path) -> None:

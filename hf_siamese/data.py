@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import DataLoader, get_worker_info
 import datasets
 from datasets.distributed import split_dataset_by_node
 
+from .sources import (
+    DATASET, FILES, FOLDER, check_image_folder, check_one_source, data_files_builder, resolve_data_files, source_record,
+)
 from .views import collate_views, image_mode
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,11 @@ class DataArguments:
     eval_split: str | None = field(
         default=None, metadata={"help": "Labelled held-out split of `dataset_name` for the online kNN (eval_steps)."}
     )
+    eval_dir: str | None = field(
+        default=None, metadata={"help": "Local labelled image folder (class subfolders) for the online kNN."}
+    )
     eval_data_files: str | None = field(
-        default=None, metadata={"help": "Local labelled held-out files for the online kNN (instead of eval_split)."}
+        default=None, metadata={"help": "Local labelled held-out parquet/.tar files for the online kNN (a glob)."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column of the online kNN's data."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Online kNN: N held-out images (seeded sample)."})
@@ -70,15 +77,45 @@ class DataArguments:
                                         "`split`); one disjoint from `eval_split` when that is carved from it."}
     )
 
+    def __post_init__(self):
+        check_one_source({"dataset_name": self.dataset_name, "train_dir": self.train_dir,
+                          "data_files": self.data_files}, "The training data")
+        check_one_source({"eval_split": self.eval_split, "eval_dir": self.eval_dir,
+                          "eval_data_files": self.eval_data_files}, "The online kNN's held-out data")
+
     def held_out(self) -> "DataArguments":
-        """The arguments that load the labelled held-out data of the online kNN."""
+        """The arguments that load the labelled held-out data of the online kNN (local paths checked here, where
+        the errors can name them as given)."""
+        if self.eval_dir:
+            check_image_folder(self.eval_dir, "eval_dir")
         if self.eval_data_files:
-            return DataArguments(data_files=self.eval_data_files, image_column=self.image_column)
-        if self.eval_split and self.dataset_name:
+            resolve_data_files(self.eval_data_files, "eval_data_files")
+        if self.eval_data_files or self.eval_dir:
+            return DataArguments(data_files=self.eval_data_files, train_dir=self.eval_dir,
+                                 image_column=self.image_column)
+        if self.eval_split and not self.dataset_name:
+            raise ValueError(f"`eval_split` {self.eval_split!r} names a split of `dataset_name`, which is not set "
+                             "(the training data is local): give the held-out images as `eval_dir` or "
+                             "`eval_data_files`.")
+        if self.eval_split:
             return DataArguments(dataset_name=self.dataset_name, dataset_config=self.dataset_config,
                                  split=self.eval_split, streaming=self.streaming, image_column=self.image_column)
         raise ValueError("The online kNN (`eval_steps`) needs held-out labelled data: set `eval_split` (with "
-                         "`dataset_name`) or `eval_data_files`.")
+                         "`dataset_name`), `eval_dir` or `eval_data_files`.")
+
+    def source_record(self, dataset) -> dict:
+        """What ``dataset`` (loaded from these arguments) is: kind, name or paths, split, rows, streaming."""
+        rows = _known_length(dataset)
+        if rows is not None and self.max_train_samples is not None:
+            rows = min(rows, self.max_train_samples)
+        if self.dataset_name:
+            return source_record(DATASET, self.dataset_name, split=self.split, config=self.dataset_config,
+                                 rows=rows, streaming=self.streaming)
+        if self.train_dir:
+            return source_record(FOLDER, str(Path(self.train_dir).expanduser().resolve()), rows=rows,
+                                 streaming=self.streaming)
+        return source_record(FILES, self.data_files, files=resolve_data_files(self.data_files, "data_files"),
+                             rows=rows, streaming=self.streaming)
 
 
 def load_raw_dataset(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
@@ -108,10 +145,11 @@ def _load(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
     if args.dataset_name:
         return datasets.load_dataset(args.dataset_name, args.dataset_config, split=args.split, streaming=args.streaming)
     if args.train_dir:
-        return datasets.load_dataset("imagefolder", data_dir=args.train_dir, split="train", streaming=args.streaming)
+        folder = check_image_folder(args.train_dir, "train_dir")
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=args.streaming)
     if args.data_files:
-        builder = "webdataset" if args.data_files.endswith(".tar") else "parquet"
-        return datasets.load_dataset(builder, data_files={"train": args.data_files}, split="train",
+        files = resolve_data_files(args.data_files, "data_files")
+        return datasets.load_dataset(data_files_builder(files), data_files={"train": files}, split="train",
                                      streaming=args.streaming)
     raise ValueError("No training data: set `dataset_name`, `train_dir` or `data_files`.")
 
@@ -234,7 +272,8 @@ def seeded_randomness(*keys: int):
 class ViewStream(torch.utils.data.IterableDataset):
     """Decodes each example, skips and counts undecodable ones, and turns the rest into views.
 
-    ``skipped`` is shared with the DataLoader's worker processes, so it counts every worker's skips.
+    ``skipped`` is shared with the DataLoader's worker processes, so it counts every worker's skips. Each epoch reads
+    every image, so skips are counted (and logged) in the first epoch read only: one count per undecodable image.
     """
 
     def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: Callable, mode: str,
@@ -246,10 +285,12 @@ class ViewStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self.first_epoch: int | None = None
         self.skipped = multiprocessing.Value("q", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
         self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
@@ -259,16 +300,25 @@ class ViewStream(torch.utils.data.IterableDataset):
             try:
                 image = open_image(example[self.image_column], self.mode)
             except UndecodableImage as error:
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
-                    count = self.skipped.value
-                if count <= MAX_SKIP_WARNINGS:
-                    logger.warning("Skipping example %d of epoch %d (rank %d, worker %d): %s%s", position, self.epoch,
-                                   self.rank, worker_id, error,
-                                   " (further skips are only counted)" if count == MAX_SKIP_WARNINGS else "")
+                if self.epoch == self.first_epoch:
+                    self._count_skip(example[self.image_column], position, error)
                 continue
             with seeded_randomness(self.seed, self.epoch, self.rank, worker_id, position):
                 yield self.transform(image)
+
+    def _count_skip(self, value, position: int, error: UndecodableImage) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+            count = self.skipped.value
+        if count <= MAX_SKIP_WARNINGS:
+            logger.warning("Skipping undecodable image %s: %s%s", image_name(value, position, self.rank), error,
+                           " (further skips are only counted)" if count == MAX_SKIP_WARNINGS else "")
+
+
+def image_name(value, position: int, rank: int = 0) -> str:
+    """How a log names an image: its file path where the dataset keeps one, else where the stream met it."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return repr(path) if path else f"without a file name (example {position} of process {rank}'s shuffled stream)"
 
 
 class PretrainingData:
@@ -300,7 +350,7 @@ class PretrainingData:
 
     @property
     def skipped_images(self) -> int:
-        """Undecodable images met so far by this process (replayed batches of a resumed run count again)."""
+        """Undecodable images met so far by this process, each counted once."""
         return self.stream.skipped.value
 
     @property

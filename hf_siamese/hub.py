@@ -4,7 +4,7 @@ import json
 import logging
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.utils import filter_repo_objects
 
 from .configuration_siamese import SiameseConfig
@@ -44,9 +44,21 @@ def push_model(output_dir: Path, repo_id: str, *, step: int, token: str | None =
         raise RuntimeError(
             f"Pushing {output_dir} to the Hub repository {repo_id!r} failed ({type(error).__name__}: {error}). "
             f"The trained model is intact in {output_dir}; push it later with "
-            f"`huggingface-cli upload {repo_id} {output_dir}`."
+            f"`hf upload {repo_id} {output_dir}`."
         ) from error
     logger.info("Pushed %s to %s", output_dir, repo_id)
+
+
+def check_hub_access(token: str | None = None) -> None:
+    """Fail before training, not after it, when the Hub cannot take the model: offline, unreachable or no token."""
+    later = "or train without `--push_to_hub` and upload the output folder later with `hf upload <user/name> <folder>`."
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"`--push_to_hub` needs the Hub, but HF_HUB_OFFLINE is set: unset it, {later}")
+    try:
+        HfApi(token=token).whoami()
+    except Exception as error:
+        raise RuntimeError(f"`--push_to_hub`: the Hub cannot be reached or no token is set ({type(error).__name__}: "
+                           f"{error}). Log in with `hf auth login` or pass `--hub_token`, {later}") from error
 
 
 def push_checkpoint(checkpoint: Path, repo_id: str, *, step: int, token: str | None = None,

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .backbones import create_backbone
 from .configuration_siamese import SiameseConfig
 from .data import FASHION_MNIST
+from .sources import DATASET, describe_source
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
 
 TRAINING_RUN = "training_run.json"
@@ -90,7 +91,7 @@ def write_model_card(model_dir: str | Path, model_id: str | None = None) -> Mode
     if losses:
         (model_dir / LOSS_CURVE).write_text(loss_curve_svg(losses))
     model_id = model_id or run.get("hub_model_id") or model_dir.resolve().name
-    hub_dataset = HUB_DATASETS.get(run.get("dataset_name"), run.get("dataset_name"))
+    hub_dataset = HUB_DATASETS.get(_dataset_name(run), _dataset_name(run))
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-feature-extraction",
         tags=["self-supervised", "image-feature-extraction", "hf_siamese", config.framework, *_design_tags(config)],
@@ -176,7 +177,9 @@ def _training_table(config: SiameseConfig, run: dict) -> str:
     if run:
         epochs = f" ({run['epochs']:.2f} epochs)" if run.get("epochs") is not None else ""
         rows += [
-            ("data", run.get("dataset_name") or run.get("data") or "-"),
+            ("data", _data(run)),
+            *([("started from", f"`{run['model_name_or_path']}`")] if run.get("model_name_or_path") else []),
+            *([("resumed from", f"`{run['resumed_from']}`")] if run.get("resumed_from") else []),
             ("steps", f"{run['steps']}{epochs}"),
             ("batch", f"{run['global_batch']} ({run['per_device_train_batch_size']} per process x "
                       f"{run['processes']} process(es) x {run['gradient_accumulation_steps']} accumulation)"),
@@ -187,6 +190,21 @@ def _training_table(config: SiameseConfig, run: dict) -> str:
             ("wall time", _duration(run["train_seconds"])),
         ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _data(run: dict) -> str:
+    """What the run read; runs recorded before the source record give the name or paths alone."""
+    if isinstance(run.get("data"), dict):
+        return describe_source(run["data"])
+    return run.get("dataset_name") or run.get("data") or "-"
+
+
+def _dataset_name(run: dict) -> str | None:
+    """The dataset the card's metadata names: a dataset read by name, not local files."""
+    data = run.get("data")
+    if isinstance(data, dict):
+        return data["name"] if data["kind"] == DATASET else None
+    return run.get("dataset_name")
 
 
 def _duration(seconds: float) -> str:

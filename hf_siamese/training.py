@@ -23,16 +23,20 @@ from .accelerator import (
     build_model, deepspeed_settings, float32_state_dict, make_accelerator, native_mixed_precision, prepare,
     sum_over_processes,
 )
-from .checkpointing import ResumePoint, completed_checkpoints, load_checkpoint, remove_unfinished, save_checkpoint
+from .checkpointing import (
+    ResumePoint, completed_checkpoints, find_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint,
+)
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
-from .hub import push_checkpoint, push_model, save_image_processor
+from .hub import check_hub_access, push_checkpoint, push_model, save_image_processor
 from .levels import check_queue_fits
 from .model_card import TRAINING_RUN, write_model_card
 from .modeling_siamese import SiameseForPreTraining
 from .monitoring import DivergenceGuard, MetricsLogger, NonFiniteLossError, median_images_per_second
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
+from .run_folder import check_new_run, check_resumable, clear
+from .sources import describe_source
 from .timm_export import check_timm_exportable, export_timm
 from .training_args import PretrainingArguments
 from .variance import VarianceMonitor
@@ -58,7 +62,10 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``."""
     if args.export_timm:
         check_timm_exportable(config)  # before training, not after it
-    accelerator = make_accelerator(args, Path(args.output_dir))
+    if args.push_to_hub:
+        check_hub_access(args.hub_token)
+    accelerator = make_accelerator(args, args.tracker_dir)
+    _take_output_dir(args, accelerator)
     set_seed(args.seed, deterministic=args.deterministic)
     run = _setup_run(config, data_args, args, accelerator)
     resume = _start(run)
@@ -67,7 +74,7 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     run.metrics = MetricsLogger(accelerator, run.output_dir / "metrics.jsonl", run.schedule.total_steps, resume.step,
                                  resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
     step = _loop(run, resume, actions)
-    return _finish(run, step, log.loss)
+    return _finish(run, step, log.loss, resume.checkpoint)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     raw: object  # the dataset as loaded, before views (the variance monitor's probe images come from it)
+    source: dict  # what `raw` is, as recorded (sources.source_record)
     data: PretrainingData
     transform: MultiViewTransform
     schedule: _Schedule
@@ -122,6 +130,8 @@ def _setup_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
     model = build_model(config, args, accelerator)
     config = model.config
     raw, transform = load_raw_dataset(data_args), MultiViewTransform.from_config(config)
+    source = data_args.source_record(raw)
+    logger.info("Pretraining on %s", describe_source(source))
     data = PretrainingData(
         raw, transform, batch_size=args.per_device_train_batch_size,
         num_channels=config.num_channels, seed=args.seed, rank=accelerator.process_index,
@@ -133,6 +143,7 @@ def _setup_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
         check_queue_fits(config.queue_size, args.per_device_train_batch_size * accelerator.num_processes
                          * config.num_target_groups, "per-device batch x processes x target groups")
     schedule = _schedule(args, data, accelerator)
+    _warn_if_shrunk(config, schedule)
     optimizer = build_optimizer(model, args.optimizer, schedule.learning_rate, args.weight_decay,
                                 momentum=args.sgd_momentum)
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, schedule.total_steps, schedule.warmup_steps)
@@ -140,8 +151,8 @@ def _setup_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
     # The scheduler is not prepared: it steps once per optimizer step and is checkpointed as JSON (checkpointing.py).
     unwrapped = accelerator.unwrap_model(prepared, keep_torch_compile=False)
     guard = DivergenceGuard(accelerator, Path(args.output_dir))
-    return _Run(args, data_args, config, accelerator, prepared, unwrapped, optimizer, scheduler, raw, data, transform,
-                schedule, guard)
+    return _Run(args, data_args, config, accelerator, prepared, unwrapped, optimizer, scheduler, raw, source, data,
+                transform, schedule, guard)
 
 
 def _schedule(args: PretrainingArguments, data: PretrainingData, accelerator: Accelerator) -> _Schedule:
@@ -151,6 +162,29 @@ def _schedule(args: PretrainingArguments, data: PretrainingData, accelerator: Ac
     warmup = args.warmup_steps + round(args.warmup_epochs * (steps_per_epoch or 0))
     learning_rate = scaled_learning_rate(args.learning_rate, global_batch, args.scale_learning_rate)
     return _Schedule(total_steps, steps_per_epoch, warmup, learning_rate, global_batch)
+
+
+def _take_output_dir(args: PretrainingArguments, accelerator: Accelerator) -> None:
+    """One run per output folder: an earlier run there is refused, or cleared with ``overwrite_output_dir``."""
+    output_dir, tracker_dir = Path(args.output_dir), Path(args.tracker_dir)
+    clearing = check_new_run(output_dir, tracker_dir, resuming=bool(args.resume_from_checkpoint),
+                             overwrite=args.overwrite_output_dir)  # on every process: all raise, or none
+    accelerator.wait_for_everyone()
+    if clearing and accelerator.is_main_process:
+        clear(output_dir, tracker_dir)
+    accelerator.wait_for_everyone()
+
+
+def _warn_if_shrunk(config: SiameseConfig, schedule: _Schedule) -> None:
+    """A recipe cut short or down on the command line can leave settings that no longer fit: say which to set."""
+    if schedule.warmup_steps >= schedule.total_steps:
+        logger.warning("The warm-up (%d steps) is as long as the run (%d steps): the learning rate never reaches its "
+                       "peak. Set --warmup_epochs or --warmup_steps (0 for none) to fit the run.",
+                       schedule.warmup_steps, schedule.total_steps)
+    if config.multicrop and config.multicrop_local_size > config.image_size:
+        logger.warning("The MultiCrop local crops (multicrop_local_size %d) are larger than the global views "
+                       "(image_size %d). Set --multicrop_local_size below --image_size (the papers: 96 of 224).",
+                       config.multicrop_local_size, config.image_size)
 
 
 def _start(run: _Run) -> ResumePoint:
@@ -163,8 +197,13 @@ def _start(run: _Run) -> ResumePoint:
             logger.warning("Removed %s, left by an interrupted checkpoint save or deletion.", name)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
-        resume = load_checkpoint(accelerator, run.output_dir, args.resume_from_checkpoint, run.scheduler)
-        _check_resumable_layout(run.unwrapped, run.output_dir)
+        checkpoint = find_checkpoint(run.output_dir, args.resume_from_checkpoint)
+        check_resumable(run.output_dir, checkpoint, _run_settings(run.schedule))
+        if checkpoint is None:
+            logger.warning("No checkpoint in %s: starting from scratch.", run.output_dir)
+        else:
+            resume = load_checkpoint(accelerator, run.output_dir, checkpoint, run.scheduler)
+            _check_resumable_layout(run.unwrapped, run.output_dir)
     tracked = {**asdict(args), **asdict(run.data_args), "framework": run.config.framework, "hub_token": None}
     accelerator.init_trackers("hf_siamese", config=tracked)  # no secrets in the tracked config
     logger.info("Training %d steps, global batch %d, lr %.4g, %d processes", run.schedule.total_steps,
@@ -239,7 +278,7 @@ class _SaveCheckpoint(_AfterStep):
         run = self.run
         point = ResumePoint(done.step, done.epoch, done.batch_index + 1, run.metrics.elapsed)
         checkpoint = save_checkpoint(run.accelerator, run.output_dir, point, run.scheduler,
-                                     run.args.checkpoints_total_limit)
+                                     run.args.checkpoints_total_limit, _run_settings(run.schedule))
         if run.args.push_checkpoints and run.accelerator.is_main_process:
             push_checkpoint(checkpoint, _hub_model_id(run.args, run.output_dir), step=done.step,
                             token=run.args.hub_token, private=run.args.hub_private)
@@ -327,7 +366,7 @@ def _observers(run: _Run) -> list[_AfterStep]:
     return observers
 
 
-def _finish(run: _Run, step: int, loss: float) -> TrainResult:
+def _finish(run: _Run, step: int, loss: float, resumed_from: str | None) -> TrainResult:
     """Save the model with its processor, run record and card (and timm export); push it if asked."""
     accelerator, args, output_dir = run.accelerator, run.args, run.output_dir
     total_skipped = sum_over_processes(accelerator, run.data.skipped_images)
@@ -336,7 +375,7 @@ def _finish(run: _Run, step: int, loss: float) -> TrainResult:
     if accelerator.is_main_process:
         run.unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         save_image_processor(run.config, output_dir)
-        record = _training_run(args, run.data_args, accelerator, step, run.schedule, run.metrics.elapsed, total_skipped)
+        record = _training_run(run, step, total_skipped, resumed_from)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             record["deepspeed"] = deepspeed_settings(run.model)
         (output_dir / TRAINING_RUN).write_text(json.dumps(record, indent=2))
@@ -395,9 +434,15 @@ def ema_step(model: SiameseForPreTraining, progress: float) -> float | None:
     return momentum
 
 
-def _training_run(args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, steps: int,
-                  schedule: _Schedule, seconds: float, skipped_images: int) -> dict:
-    """What the run did, for the model card: written once, at the end, by the main process."""
+def _run_settings(schedule: _Schedule) -> dict:
+    """What a checkpoint records so that a resume can check it continues the same run (run_folder.RUN_SETTINGS)."""
+    return {"total_steps": schedule.total_steps, "learning_rate": schedule.learning_rate,
+            "global_batch": schedule.global_batch}
+
+
+def _training_run(run: _Run, steps: int, skipped_images: int, resumed_from: str | None) -> dict:
+    """What the run did and read, for the model card: written once, at the end, by the main process."""
+    args, accelerator, schedule = run.args, run.accelerator, run.schedule
     if torch.cuda.is_available():
         hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
     else:
@@ -410,9 +455,9 @@ def _training_run(args: PretrainingArguments, data_args: DataArguments, accelera
         "optimizer": args.optimizer, "base_learning_rate": args.learning_rate, "learning_rate": schedule.learning_rate,
         "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_steps": schedule.warmup_steps,
-        "mixed_precision": accelerator.mixed_precision, "seed": args.seed, "hardware": hardware, "train_seconds": seconds,
-        "dataset_name": data_args.dataset_name, "data": data_args.train_dir or data_args.data_files,
-        "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
+        "mixed_precision": accelerator.mixed_precision, "seed": args.seed, "hardware": hardware,
+        "train_seconds": run.metrics.elapsed, "data": run.source, "model_name_or_path": args.model_name_or_path,
+        "resumed_from": resumed_from, "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
     }
 
 

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 class PretrainingArguments:
     """How to train; names follow transformers' ``TrainingArguments`` where it has one."""
 
-    output_dir: str = field(default="outputs/pretraining", metadata={"help": "Checkpoints, logs and the final model."})
+    output_dir: str = field(default="outputs/pretraining", metadata={"help": "Checkpoints, metrics and the final model."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete an earlier run in `output_dir` (and its `logging_dir`) first; "
+                                         "without it, a folder holding a run is refused unless resuming."}
+    )
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "Tracker (TensorBoard) logs; default: `<output_dir>-logs`, beside the "
+                                        "model folder so that they are not pushed with it."}
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from this hf_siamese checkpoint instead of random weights."}
     )
@@ -75,3 +83,8 @@ class PretrainingArguments:
     )
     knn_k: int = field(default=20, metadata={"help": "Online kNN neighbours."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Online kNN vote temperature."})
+
+    @property
+    def tracker_dir(self) -> str:
+        """Where the trackers write: ``logging_dir``, else beside ``output_dir``."""
+        return self.logging_dir or f"{self.output_dir.rstrip('/')}-logs"

@@ -36,6 +36,8 @@ def main() -> None:
     if not native_bf16 and "--mixed_precision" not in overrides:
         print("This CPU has no native bf16 (AVX-512 BF16 or AMX): pretraining and probing in fp32.")
         overrides = [*overrides, "--mixed_precision", "no"]
+    if not {"--overwrite_output_dir", "--resume_from_checkpoint"} & set(overrides):
+        overrides = [*overrides, "--overwrite_output_dir", "true"]  # the demo runs again from scratch
     config, data_args, train_args = parse_pretraining_args(["--config", known.config, *overrides])
     if data_args.data_files and not glob.glob(data_args.data_files):
         shards = Path(data_args.data_files).parent

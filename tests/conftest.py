@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,9 @@ def batched_against_separate(framework: str, source, target, seed: int = 0, **ov
 
     return {"loss": difference(loss, loss_1), "gradients": largest(gradients, gradients_1),
             "gradients_missing": len(set(gradients) ^ set(gradients_1)), "buffers": largest(buffers, buffers_1)}
+
+
+def killed_before_the_end(output_dir: Path) -> None:
+    """Leave what a run killed after its checkpoints but before its end leaves: no saved model, no run record."""
+    for name in ("training_run.json", "model.safetensors", "config.json", "README.md"):
+        (output_dir / name).unlink(missing_ok=True)

@@ -102,6 +102,7 @@ def legacy_name(key: str, last_level: int) -> str:
 def test_a_training_checkpoint_of_the_old_layout_resumes_without_a_ladder_and_refuses_with_one(ladder, tmp_path):
     from safetensors.torch import save_file
 
+    from conftest import killed_before_the_end
     from test_training import TINY_MODEL, run, write_parquet
     from images import structured_images
 
@@ -112,6 +113,7 @@ def test_a_training_checkpoint_of_the_old_layout_resumes_without_a_ladder_and_re
             *(["--ladder_levels", "[2, 4]", "--ladder_dense_weight", "0.5"] if ladder else [])]
     run([*args, "--max_steps", "2"])  # checkpoint-1, then the final model at step 2
     uninterrupted = load_file(tmp_path / "out" / "model.safetensors")
+    killed_before_the_end(tmp_path / "out")
     weights = tmp_path / "out" / "checkpoint-1" / "model.safetensors"
     state = load_file(weights)
     old = {legacy_name(key, 4): tensor for key, tensor in state.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import killed_before_the_end
 from test_training import TINY_MODEL, write_parquet
 from images import structured_images
 from safetensors.torch import load_file
@@ -124,23 +125,24 @@ def _deepspeed_pretrain(config_name, tmp_path, framework, num_images, *extra):
 def test_deepspeed_zero2_bf16_on_cpu(tmp_path):
     def pretrain(*extra):
         # The run's accumulation and clipping, not the launcher's or DeepSpeed's defaults (1 and 1.0).
-        result = _deepspeed_pretrain("deepspeed_zero2.yaml", tmp_path, "moco", 64, "--queue_size", "64",
+        result = _deepspeed_pretrain("deepspeed_zero2.yaml", tmp_path, "moco", 64, "--queue_size", "96",
                                      "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5",
                                      "--mixed_precision", "bf16", "--logging_steps", "1", *extra)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
-    assert pretrain("--max_steps", "3", "--checkpointing_steps", "2") == [1, 2, 3]
+    assert pretrain("--max_steps", "4", "--checkpointing_steps", "2") == [1, 2, 3, 4]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     engine = json.loads((tmp_path / "out" / "training_run.json").read_text())["deepspeed"]
     assert (engine["gradient_accumulation_steps"], engine["gradient_clipping"], engine["bf16"]) == (2, 0.5, True)
     assert engine["train_batch_size"] == 32
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
-    assert int(weights["heads.4.queue_ptr"]) == 3 * 2 * 16 % 64  # 3 steps of 2 micro-batches of 2 x 8 keys
+    assert int(weights["heads.4.queue_ptr"]) == 4 * 2 * 16 % 96  # 4 steps of 2 micro-batches of 2 x 8 keys
     assert AutoModel.from_pretrained(tmp_path / "out") is not None
-    # Resuming passes the weights_only check of every DeepSpeed file, then continues from step 2; the resumed
-    # run's step 3 replaces the first run's in metrics.jsonl.
+    # As a run killed after checkpoint-2: resuming passes the weights_only check of every DeepSpeed file, then
+    # continues from step 2; the resumed run's steps 3 and 4 replace the first run's in metrics.jsonl.
+    killed_before_the_end(tmp_path / "out")
     assert pretrain("--max_steps", "4", "--resume_from_checkpoint", "latest") == [1, 2, 3, 4]
 
 

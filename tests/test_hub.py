@@ -97,9 +97,11 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
     hub = FakeHub()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the fake answers instead
+    monkeypatch.setattr(HfApi, "whoami", lambda api, *args, **kwargs: {"name": "me"})
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: hub.create_commit(
         api, repo_id, operations, **kw))
@@ -138,7 +140,7 @@ def test_push_uploads_the_whole_model_directory_and_checkpoints(tmp_path, fake_h
 
 def test_a_failed_push_keeps_the_model_and_says_so(tmp_path, fake_hub):
     fake_hub.fail = True
-    with pytest.raises(RuntimeError, match="'me/tiny' failed .*ConnectionError.*intact in .*huggingface-cli upload"):
+    with pytest.raises(RuntimeError, match="'me/tiny' failed .*ConnectionError.*intact in .*hf upload"):
         tiny_run(tmp_path, "--push_to_hub", "true", "--hub_model_id", "me/tiny", "--push_checkpoints", "true",
                  "--checkpointing_steps", "1")
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "checkpoint-1").is_dir()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from conftest import killed_before_the_end
 from images import structured_images
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -132,6 +133,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
 def test_replaying_the_batches_before_a_checkpoint_is_off_the_clock(parquet_files, tmp_path, monkeypatch):
     args = ["--framework", "simsiam", "--max_steps", "3", "--checkpointing_steps", "2"]
     run(common_args(parquet_files, tmp_path, *args))
+    killed_before_the_end(tmp_path)
     saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["train_seconds"]
     replay = PretrainingData.batches
 
@@ -147,6 +149,7 @@ def test_replaying_the_batches_before_a_checkpoint_is_off_the_clock(parquet_file
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(parquet_files, tmp_path):
     args = ["--framework", "simsiam", "--max_steps", "3", "--checkpointing_steps", "1"]
     run(common_args(parquet_files, tmp_path, *args))
+    killed_before_the_end(tmp_path)
     run(common_args(parquet_files, tmp_path, *args, "--resume_from_checkpoint", str(tmp_path / "checkpoint-1")))
     # checkpoint-2 is the resumed run's own; the first run's checkpoint-2 was set aside, not pruned or resumed.
     assert [p.name for p in completed_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
@@ -158,6 +161,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(parquet_f
 @pytest.mark.parametrize("damage", ["other_process_count", "old_format"])
 def test_a_checkpoint_this_run_cannot_continue_is_a_clear_error(parquet_files, tmp_path, damage):
     run(common_args(parquet_files, tmp_path, "--framework", "simsiam", "--max_steps", "2", "--checkpointing_steps", "1"))
+    killed_before_the_end(tmp_path)
     checkpoint = tmp_path / "checkpoint-1"
     if damage == "other_process_count":
         shutil.copy(checkpoint / "data_state_0.json", checkpoint / "data_state_1.json")

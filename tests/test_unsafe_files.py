@@ -39,7 +39,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_before_it_runs(checkpoint, parquet_
     marker = tmp_path / "marker"
     torch.save(Payload(marker), output / "checkpoint-1" / name)
     with pytest.raises(UnsafeCheckpointError, match=name.replace(".", r"\.")):
-        run(common_args(parquet_files, output, "--framework", "simsiam", "--max_steps", "3",
+        run(common_args(parquet_files, output, "--framework", "simsiam", "--max_steps", "2",
                         "--resume_from_checkpoint", "latest"))
     assert not marker.exists()
 
