@@ -79,9 +79,9 @@ def test_a_recipe_run_on_the_users_files_trains_on_them_and_records_it(sources, 
         run("--config", str(ROOT / "configs/demo_fashion_mnist.yaml"), "--data_files", sources["data_files"],
             "--output_dir", str(out), "--max_steps", "6", *TINY)
     record = json.loads((out / "training_run.json").read_text())
+    assert record["epochs"] == pytest.approx(6 * 8 / ROWS)  # 24 rows, not the recipe's 60,000 Fashion-MNIST images
     assert record["data"] == {"kind": "files", "name": sources["data_files"], "files": 1, "rows": ROWS,
                               "streaming": False}
-    assert record["epochs"] == pytest.approx(6 * 8 / ROWS)  # 24 rows, not Fashion-MNIST's 60,000
     assert record["model_name_or_path"] is None and record["resumed_from"] is None
     assert f"Pretraining on files {sources['data_files']} (1 files, 24 rows)" in caplog.text
     card = ModelCard.load(out / "README.md")
