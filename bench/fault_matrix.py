@@ -17,6 +17,7 @@ and ``train``; ``run_linear_probe.main``; the API's ``hf_siamese.data.open_image
 """
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -161,11 +162,12 @@ def _probe(work: Path, train_files: str, eval_files: str | None = None) -> Outco
     """The probe on ``train_files``, evaluated on ``eval_files`` (default: four other good images); ``probed`` if
     nothing was skipped."""
     eval_files = eval_files or _write(work / "eval", _good_images(4, first=BATCH), labels=[0, 1] * 2)
-    run_linear_probe.main([
-        "--model_name_or_path", str(_tiny_encoder(work)), "--train_data_files", train_files,
-        "--eval_data_files", eval_files, "--num_train_epochs", "1", "--knn_k", "3",
-        "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--output_dir", str(work / "probe"),
-    ])
+    with contextlib.redirect_stdout(io.StringIO()):  # the script's table: this bench prints only JSON lines
+        run_linear_probe.main([
+            "--model_name_or_path", str(_tiny_encoder(work)), "--train_data_files", train_files,
+            "--eval_data_files", eval_files, "--num_train_epochs", "1", "--knn_k", "3",
+            "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--output_dir", str(work / "probe"),
+        ])
     skipped = json.loads((work / "probe" / "eval_results.json").read_text())["results"][0]["skipped_images"]
     if any(skipped.values()):
         return Outcome("skipped", f"skipped undecodable images: {skipped}")
