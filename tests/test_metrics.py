@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def test_top_k_accuracy_counts_a_reference_anywhere_in_the_first_k():
 
 
 def test_unknown_metric_names_the_shipped_ones():
-    with pytest.raises(ValueError, match="shipped ones are \\['accuracy', 'top_k_accuracy'\\]"):
+    with pytest.raises(ValueError, match="shipped ones are \\['accuracy', 'top_k_accuracy', 'mean_iou'\\]"):
         load_metric("f1")
 
 
@@ -47,3 +48,62 @@ def test_documented_call_works_after_a_plain_import_hf_siamese():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "{'accuracy': 0.5}" in result.stdout
+
+
+# Two maps of different shapes; class 3 is in neither, 255 pixels are unlabelled (their predictions do not count).
+# Counted (reference, prediction) pixels: (0,0) (0,1) (1,1) (1,1) (2,2) | (2,2) (2,0) (0,0).
+IOU_REFERENCES = [np.array([[0, 0, 1], [1, 2, 255]]), np.array([[2, 2], [0, 255]])]
+IOU_PREDICTIONS = [np.array([[0, 1, 1], [1, 2, 2]]), np.array([[2, 0], [0, 0]])]
+# class 0: intersection 2, reference 3, predicted 3 -> IoU 2/4, accuracy 2/3; class 1: 2, 2, 3 -> 2/3, 1;
+# class 2: 2, 3, 2 -> 2/3, 2/3; class 3: absent -> NaN, NaN. Correct pixels: 6 of 8.
+IOU_PER_CATEGORY = [1 / 2, 2 / 3, 2 / 3, np.nan]
+ACCURACY_PER_CATEGORY = [2 / 3, 1, 2 / 3, np.nan]
+
+
+def test_mean_iou_by_hand_with_ignored_pixels_and_an_absent_class():
+    result = load_metric("mean_iou").compute(predictions=IOU_PREDICTIONS, references=IOU_REFERENCES, num_labels=4)
+    assert set(result) == {"mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou",
+                           "per_category_accuracy"}
+    np.testing.assert_allclose(result["per_category_iou"], IOU_PER_CATEGORY)
+    np.testing.assert_allclose(result["per_category_accuracy"], ACCURACY_PER_CATEGORY)
+    assert result["mean_iou"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)  # the absent class is left out
+    assert result["mean_accuracy"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert result["overall_accuracy"] == pytest.approx(6 / 8)
+
+
+def test_mean_iou_accumulates_batches_and_reads_nested_lists():
+    metric = load_metric("mean_iou")
+    for prediction, reference in zip(IOU_PREDICTIONS, IOU_REFERENCES):
+        metric.add_batch(predictions=[prediction.tolist()], references=[reference.tolist()])
+    np.testing.assert_allclose(metric.compute(num_labels=4)["per_category_iou"], IOU_PER_CATEGORY)
+
+
+def test_mean_iou_leaves_excluded_classes_out_of_the_means_only():
+    result = load_metric("mean_iou").compute(predictions=IOU_PREDICTIONS, references=IOU_REFERENCES, num_labels=4,
+                                             excluded_labels=[0])
+    assert result["mean_iou"] == pytest.approx(2 / 3) and result["mean_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+    assert result["overall_accuracy"] == pytest.approx(6 / 8)
+    np.testing.assert_allclose(result["per_category_iou"], IOU_PER_CATEGORY)
+
+
+def test_mean_iou_a_class_only_predicted_scores_zero_iou_and_no_accuracy():
+    result = load_metric("mean_iou").compute(predictions=[[[0, 2]]], references=[[[0, 0]]], num_labels=3)
+    np.testing.assert_allclose(result["per_category_iou"], [1 / 2, np.nan, 0])
+    np.testing.assert_allclose(result["per_category_accuracy"], [1 / 2, np.nan, np.nan])
+    assert result["mean_iou"] == pytest.approx(1 / 4) and result["mean_accuracy"] == pytest.approx(1 / 2)
+    filled = load_metric("mean_iou").compute(predictions=[[[0, 2]]], references=[[[0, 0]]], num_labels=3,
+                                             nan_to_num=-1)
+    np.testing.assert_allclose(filled["per_category_accuracy"], [1 / 2, -1, -1])
+
+
+def test_mean_iou_reduce_labels_label_map_and_ignore_index_as_the_hub_metric():
+    metric = load_metric("mean_iou")
+    reduced = metric.compute(predictions=[[[0, 0, 1, 1]]], references=[[[0, 1, 2, 255]]], num_labels=2,
+                             reduce_labels=True)  # reference 0 -> ignored, 1 -> 0, 2 -> 1
+    np.testing.assert_allclose(reduced["per_category_iou"], [1, 1])
+    swapped = metric.compute(predictions=[[[2, 1]]], references=[[[1, 2]]], num_labels=3, label_map={1: 2, 2: 1})
+    np.testing.assert_allclose(swapped["per_category_iou"], [np.nan, 1, 1])
+    ignored = metric.compute(predictions=[[[0, 1]]], references=[[[0, 1]]], num_labels=2, ignore_index=1)
+    np.testing.assert_allclose(ignored["per_category_iou"], [1, np.nan])
+    with pytest.raises(ValueError, match="prediction labels must be in \\[0, 2\\)"):
+        metric.compute(predictions=[[[0, 2]]], references=[[[0, 1]]], num_labels=2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 METRICS_DIR = Path(__file__).resolve().parent
-SHIPPED = ("accuracy", "top_k_accuracy")
+SHIPPED = ("accuracy", "top_k_accuracy", "mean_iou")
 
 
 @lru_cache
