@@ -1,9 +1,11 @@
 """hf_siamese: asymmetric and ladder Siamese self-supervised image encoders, the Hugging Face way.
 
-Importing the package registers the config and the three model classes with transformers' Auto classes.
+Importing the package registers the config and the three model classes with transformers' Auto classes, and
+`SiameseBackbone` with `AutoBackbone` (so that transformers' dense heads build it from a `backbone_config`).
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -15,6 +17,7 @@ from . import metrics  # `hf_siamese.metrics.load_metric` after a plain `import 
 from .configuration_siamese import FRAMEWORK_DEFAULTS, FRAMEWORKS, SiameseConfig
 from .hub import image_processor_for, save_image_processor
 from .image_processing_siamese import SiameseImageProcessor
+from .modeling_backbone import SiameseBackbone, load_backbone_weights
 from .modeling_siamese import (
     SiameseForImageClassification,
     SiameseForPreTraining,
@@ -29,6 +32,7 @@ AutoConfig.register(SiameseConfig.model_type, SiameseConfig, exist_ok=True)
 AutoModel.register(SiameseConfig, SiameseModel, exist_ok=True)
 AutoModelForPreTraining.register(SiameseConfig, SiameseForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(SiameseConfig, SiameseForImageClassification, exist_ok=True)
+AutoBackbone.register(SiameseConfig, SiameseBackbone, exist_ok=True)
 AutoImageProcessor.register(SiameseConfig, slow_image_processor_class=SiameseImageProcessor, exist_ok=True)
 # Saved processors carry an auto_map and their code, for `trust_remote_code` where hf_siamese is not installed.
 SiameseImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -36,6 +40,7 @@ SiameseImageProcessor.register_for_auto_class("AutoImageProcessor")
 __all__ = [
     "FRAMEWORKS",
     "FRAMEWORK_DEFAULTS",
+    "SiameseBackbone",
     "SiameseConfig",
     "SiameseForImageClassification",
     "SiameseForPreTraining",
@@ -44,5 +49,6 @@ __all__ = [
     "SiamesePreTrainedModel",
     "SiamesePreTrainingOutput",
     "image_processor_for",
+    "load_backbone_weights",
     "save_image_processor",
 ]

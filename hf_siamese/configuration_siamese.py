@@ -2,15 +2,21 @@
 
 The config is the only place hyperparameters live. Fields a framework defines are left ``None`` by the caller
 and filled from :data:`FRAMEWORK_DEFAULTS` (the papers' official ResNet-50 recipes); an explicit value always wins.
-This file imports only torch-free libraries and same-directory modules so that it can be copied next to a
-checkpoint and loaded with ``trust_remote_code=True``.
+It is also a transformers *backbone* config (``BackboneConfigMixin``: ``stage_names``, ``out_features``,
+``out_indices``), so that any hf_siamese checkpoint's config can be the ``backbone_config`` of a dense head; the
+stage names are read from the timm model itself, which depends only on fields saved in every config, so configs
+written before these fields existed load unchanged.
+At import this file loads only torch-free libraries (timm and torch wait until a config is built) and
+same-directory modules, so that it can be copied next to a checkpoint and loaded with ``trust_remote_code=True``.
 """
 
 import difflib
+from types import SimpleNamespace
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 FRAMEWORKS = ("moco", "mocov3", "byol", "simsiam")
 AUGMENTATIONS = ("mocov2", "byol", "small_gray")  # hf_siamese.views.RECIPES (not imported: this file is torch-free)
@@ -89,7 +95,7 @@ _ONLY_FOR = {
 
 
 @strict(accept_kwargs=True)
-class SiameseConfig(PreTrainedConfig):
+class SiameseConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`SiameseModel`] / [`SiameseForPreTraining`] / [`SiameseForImageClassification`].
 
@@ -155,6 +161,11 @@ class SiameseConfig(PreTrainedConfig):
             Weight of the dense (local) term at each ladder level; 0 turns it off.
         freeze_encoder (`bool`, defaults to `False`):
             [`SiameseForImageClassification`] only: freeze the encoder and keep it in eval mode (linear probe).
+        out_features (`list[str]`, *optional*):
+            [`SiameseBackbone`] only: the stages whose maps it returns, among `stage_names` (ResNet `stem`,
+            `stage1`..`stage4`; ViT `block1`..`blockN`, read from the timm model). Defaults to the last stage.
+        out_indices (`list[int]`, *optional*):
+            The same stages as positions in `stage_names`; either one may be given, the other follows.
     """
 
     model_type = "siamese"
@@ -205,6 +216,8 @@ class SiameseConfig(PreTrainedConfig):
     batch_views: bool = True
 
     def __post_init__(self, **kwargs):
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        kwargs.pop("stage_names", None)  # saved by to_dict; always read again from the backbone
         _refuse_misspelt_fields(kwargs)
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"`framework` must be one of {FRAMEWORKS}, got {self.framework!r}.")
@@ -230,6 +243,8 @@ class SiameseConfig(PreTrainedConfig):
                 "AutoImageProcessor": "image_processing_siamese.SiameseImageProcessor",
             }
         self._check_values()
+        self.stage_names = backbone_stage_names(self)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__post_init__(**kwargs)
 
     def _check_values(self):
@@ -339,6 +354,42 @@ def _pair(config, name: str) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
+_STAGE_NAMES: dict[str, list[str]] = {}
+_STAGE_SHAPING_FIELDS = ("backbone", "backbone_kwargs", "num_channels", "image_size")
+
+
+def backbone_stage_names(config) -> list[str]:
+    """The backbone's stages in ``BackboneMixin``'s words: a ResNet's ``stem``, ``stage1``..``stage4``; a ViT's
+    ``block1``..``blockN``: one per timm ``feature_info`` entry, the entries ``forward_intermediates`` returns.
+
+    Read from a meta-device copy of the timm model (nothing allocated), once per architecture: configs are built
+    often. Only the fields that shape the stages count (the small-image stem changes strides, not stages).
+    """
+    architecture = SimpleNamespace(**{name: getattr(config, name) for name in _STAGE_SHAPING_FIELDS})
+    key = repr(vars(architecture))
+    if key not in _STAGE_NAMES:
+        _STAGE_NAMES[key] = _read_stage_names(architecture)
+    return list(_STAGE_NAMES[key])
+
+
+def _read_stage_names(architecture: SimpleNamespace) -> list[str]:
+    import torch  # deferred, as timm in _require_backbone
+
+    from .backbones import create_backbone, is_token_model, stage_indices
+
+    try:
+        with torch.device("meta"):
+            model = create_backbone(architecture)
+    except TypeError as error:  # timm's message for a keyword argument the model does not take
+        raise ValueError(f"`backbone_kwargs` {architecture.backbone_kwargs} do not build {architecture.backbone!r}: "
+                         f"{error}") from error
+    num_stages = len(stage_indices(model))
+    num_stems = len(model.feature_info) - num_stages
+    stems = ["stem"] if num_stems == 1 else [f"stem{number}" for number in range(1, num_stems + 1)]
+    stage = "block" if is_token_model(model) else "stage"
+    return stems + [f"{stage}{number}" for number in range(1, num_stages + 1)]
+
+
 def _require_backbone(name: str) -> None:
     import timm  # deferred: importing timm is slow, and configs are read in many places
 
@@ -348,4 +399,4 @@ def _require_backbone(name: str) -> None:
         )
 
 
-__all__ = ["FRAMEWORKS", "FRAMEWORK_DEFAULTS", "SiameseConfig"]
+__all__ = ["FRAMEWORKS", "FRAMEWORK_DEFAULTS", "SiameseConfig", "backbone_stage_names"]

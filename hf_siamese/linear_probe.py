@@ -7,7 +7,6 @@ the shipped ``evaluate`` metrics -> ``eval_results.json`` and the model card's `
 """
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from .data import FASHION_MNIST, DataArguments, find_image_column, load_raw_dataset, undecoded
 from .fashion_mnist import HUB_ID as FASHION_MNIST_HUB_ID
-from .model_card import EVAL_RESULTS, add_eval_results_to_model_card, is_siamese_model_dir, write_model_card
+from .eval_results import results_dir, write_eval_results
 from .metrics import classification_accuracy, load_metric
 from .modeling_siamese import SiameseModel
 from .pictures import write_pictures
@@ -222,11 +221,11 @@ def load_encoder(args: ProbeArguments) -> tuple[torch.nn.Module, InputSpec]:
 
 def run_linear_probe(args: ProbeArguments) -> list[dict]:
     """Probe ``args.model_name_or_path``; returns the result records (also written to ``eval_results.json``)."""
-    output_dir = _output_dir(args)
+    output_dir = results_dir(args.model_name_or_path, args.output_dir, "outputs/linear_probe")
     with torch.random.fork_rng(devices=[]):  # the probe's seed, without touching the caller's random state
         torch.manual_seed(args.seed)
         results, pictures = _probe(args, output_dir)
-    _write_results(args, output_dir, results, pictures)
+    write_eval_results(args.model_name_or_path, output_dir, results, {"pictures": pictures})
     return results
 
 
@@ -416,44 +415,6 @@ def _num_classes(train_raw, eval_raw, label_column: str) -> int:
         raise ValueError(f"`label_column` {label_column!r} must hold non-negative integer class ids (a ClassLabel or "
                          f"int column), got {wrong!r}.")
     return max(labels) + 1
-
-
-def _output_dir(args: ProbeArguments) -> Path:
-    """Where the results go: ``output_dir``, else the model's own directory, else a folder for the Hub id."""
-    model_dir = Path(args.model_name_or_path)
-    if args.output_dir:
-        output_dir = Path(args.output_dir)
-    elif model_dir.is_dir():
-        output_dir = model_dir
-    else:  # a Hub id: a folder of its own, so that two models' results never mix
-        output_dir = Path("outputs/linear_probe") / args.model_name_or_path.replace("/", "__")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
-
-
-def _write_results(args: ProbeArguments, output_dir: Path, results: list[dict], pictures: dict | None) -> Path:
-    """Merge ``results`` into ``eval_results.json`` (a rerun of a probe replaces its records) and the model card."""
-    model_dir = Path(args.model_name_or_path)
-    path = output_dir / EVAL_RESULTS
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    same_model = saved.get("model_name_or_path") == args.model_name_or_path
-    earlier = saved.get("results", []) if same_model else []
-    replaced = {_record_identity(record) for record in results}
-    merged = [record for record in earlier if _record_identity(record) not in replaced] + results
-    written = {"model_name_or_path": args.model_name_or_path, "results": merged}
-    pictures = pictures or (saved.get("pictures") if same_model else None)
-    path.write_text(json.dumps({**written, **({"pictures": pictures} if pictures else {})}, indent=2))
-    if output_dir.resolve() == model_dir.resolve():  # the model's own directory: its card shows the results
-        if is_siamese_model_dir(model_dir):
-            write_model_card(model_dir)
-        elif (model_dir / "README.md").is_file():
-            add_eval_results_to_model_card(model_dir / "README.md", results)
-    logger.info("Wrote %d results to %s", len(results), path)
-    return path
-
-
-def _record_identity(record: dict) -> tuple:
-    return tuple(record.get(key) for key in ("dataset", "split", "protocol", "level", "metric", "k"))
 
 
 def format_results(results: list[dict]) -> str:

@@ -22,6 +22,7 @@ EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.svg"
 PROTOCOL_NAMES = {"knn": "kNN", "cached": "Linear probe", "augmented": "Linear probe (augmented)"}
+DENSE_PROTOCOL_NAMES = {"dense_linear": "Frozen linear segmentation probe", "dense_upernet": "UperNet, fine-tuned"}
 FRAMEWORK_NAMES = {"moco": "MoCo (Asym-Siam's MoCo v2 + BN projector)", "mocov3": "MoCo v3", "byol": "BYOL",
                    "simsiam": "SimSiam"}
 DESIGN_TAGS = {"multicrop": "multicrop", "scalemix": "scalemix", "asym_aug": "asym-aug", "asym_bn": "asym-bn",
@@ -45,7 +46,14 @@ CITATIONS = """```bibtex
 
 
 def eval_result(record: dict) -> EvalResult:
-    """A ``run_linear_probe`` result record as a model-index entry."""
+    """A ``run_linear_probe`` or ``run_dense_probe`` result record as a model-index entry."""
+    if record["protocol"] in DENSE_PROTOCOL_NAMES:
+        return EvalResult(
+            task_type="image-segmentation", task_name="Semantic segmentation",
+            dataset_type=record["dataset"], dataset_name=record["dataset"], dataset_split=record["split"],
+            metric_type=record["metric"], metric_value=record["value"],
+            metric_name=f"{record['metric']}, {DENSE_PROTOCOL_NAMES[record['protocol']]}, level {record['level']}",
+        )
     protocol = PROTOCOL_NAMES[record["protocol"]]
     if record["protocol"] == "knn":
         protocol += f" (k={record['k']})"
@@ -102,7 +110,8 @@ def write_model_card(model_dir: str | Path, model_id: str | None = None) -> Mode
         f"# {model_id}",
         _summary(config),
         "## Training\n\n" + _training_table(config, run) + (f"\n\n![Pretraining loss]({LOSS_CURVE})" if losses else ""),
-        "## Evaluation\n\n" + _evaluation_table(records) + _pictures(model_dir, evaluation.get("pictures")),
+        "## Evaluation\n\n" + _evaluation_table(records) + _pictures(model_dir, evaluation.get("pictures"))
+        + _dense_section(model_dir, records, evaluation.get("dense_pictures")),
         "## Usage\n\n" + _usage(model_id),
         "## Citation\n\n" + CITATIONS,
     ])
@@ -213,7 +222,27 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s"
 
 
+def _dense_section(model_dir: Path, records: list[dict], pictures: dict | None) -> str:
+    """Dense transfer: the dense probe's mIoU and pixel accuracy per protocol and level, and its picture."""
+    scores: dict[tuple, dict] = {}
+    for record in (r for r in records if r["protocol"] in DENSE_PROTOCOL_NAMES):
+        key = (record["protocol"], str(record["level"]), record["dataset"], record["split"])
+        scores.setdefault(key, {})[record["metric"]] = record["value"]
+    if not scores:
+        return ""
+    rows = ["| probe | level | mIoU | pixel accuracy | dataset | split |", "|---|---|---|---|---|---|"]
+    rows += [f"| {DENSE_PROTOCOL_NAMES[protocol]} | {level} | {values.get('mean_iou', float('nan')) * 100:.2f}% | "
+             f"{values.get('pixel_accuracy', float('nan')) * 100:.2f}% | {dataset} | {split} |"
+             for (protocol, level, dataset, split), values in scores.items()]
+    picture = ""
+    if pictures and (model_dir / pictures["examples"]).is_file():
+        picture = (f"\n\n![{pictures['title']}]({pictures['examples']})\n\nEvaluation scenes, their label maps and "
+                   f"the {pictures['title']}'s prediction.")
+    return "\n\n### Dense transfer\n\n" + "\n".join(rows) + picture
+
+
 def _evaluation_table(records: list[dict]) -> str:
+    records = [record for record in records if record["protocol"] not in DENSE_PROTOCOL_NAMES]
     if not records:
         return "Not evaluated yet: `python run_linear_probe.py --model_name_or_path <this directory> ...` fills this in."
     rows = ["| probe | level | metric | value | dataset | split |", "|---|---|---|---|---|---|"]

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 GALLERY = "knn_gallery.png"
 EMBEDDING_MAP = "embedding_map.png"
+DENSE_EXAMPLES = "dense_examples.png"
 MISMATCH_COLOUR = "#d62728"
 
 
@@ -88,6 +89,32 @@ def write_pictures(output_dir: Path, bank: torch.Tensor, bank_labels: torch.Tens
             "gallery_queries": gallery.queries.tolist(), "gallery_neighbours": gallery.neighbours.tolist()}
 
 
+def write_dense_examples(output_dir: Path, images: Sequence, labels: torch.Tensor, predictions: torch.Tensor,
+                         id2label: dict[int, str], title: str) -> dict | None:
+    """A few evaluation scenes, their label maps and the dense probe's predictions side by side; what the picture
+    shows, or ``None`` when skipped."""
+    pyplot = _pyplot()
+    if pyplot is None:
+        return None
+    from matplotlib.colors import ListedColormap
+
+    colours = ListedColormap(["black", *pyplot.get_cmap("tab20").colors[: len(id2label) - 1]])
+    figure, axes = pyplot.subplots(len(images), 3, figsize=(4.5, 1.5 * len(images)), squeeze=False)
+    for row, (image, truth, predicted) in enumerate(zip(images, labels, predictions)):
+        _show(axes[row, 0], image, "scene" if row == 0 else "", "black")
+        for column, label_map, name in ((1, truth, "truth"), (2, predicted, "prediction")):
+            _show(axes[row, column], label_map.numpy(), name if row == 0 else "", "black", colours=colours,
+                  num_labels=len(id2label))
+    shown = sorted({int(v) for v in torch.cat([labels.flatten(), predictions.flatten()]).tolist()} - {255})
+    handles = [pyplot.Rectangle((0, 0), 1, 1, color=colours(label)) for label in shown]
+    figure.legend(handles, [id2label[label] for label in shown], fontsize=5, loc="lower center", ncol=4)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout(rect=(0, 0.12, 1, 0.96))
+    figure.savefig(output_dir / DENSE_EXAMPLES, dpi=100)
+    pyplot.close(figure)
+    return {"examples": DENSE_EXAMPLES, "title": title, "count": len(images)}
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -118,8 +145,10 @@ def _draw_gallery(pyplot, path: Path, gallery: Gallery, bank_labels: torch.Tenso
     pyplot.close(figure)
 
 
-def _show(axis, picture, title: str, colour: str, bold: bool = False) -> None:
-    if getattr(picture, "mode", "") == "L":  # grey levels as they are, not stretched per image
+def _show(axis, picture, title: str, colour: str, bold: bool = False, colours=None, num_labels: int = 0) -> None:
+    if colours is not None:  # a label map: one fixed colour per class
+        axis.imshow(picture, cmap=colours, vmin=0, vmax=num_labels - 1, interpolation="nearest")
+    elif getattr(picture, "mode", "") == "L":  # grey levels as they are, not stretched per image
         axis.imshow(picture, cmap="gray", vmin=0, vmax=255)
     else:
         axis.imshow(picture.convert("RGB") if hasattr(picture, "convert") else picture)

@@ -47,3 +47,22 @@ def test_readme_links_to_files_and_headings_that_exist():
             headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
             slugs = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
             assert anchor in slugs, f"{target}#{anchor}"
+
+
+def test_readme_dense_transfer_block_runs_on_a_saved_model(tmp_path):
+    """The UperNet lines, on a small model saved where the block expects the demo's."""
+    from hf_siamese import SiameseConfig, SiameseForPreTraining
+
+    block = README.read_text().split("## Dense transfer", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    config = SiameseConfig(backbone="resnet18", framework="moco", image_size=28, num_channels=1, small_image_stem=True,
+                           backbone_kwargs={"channels": [8, 16, 32, 64]}, projector_hidden_dim=32, projector_dim=16)
+    model = SiameseForPreTraining(config)
+    model.save_pretrained(tmp_path / "outputs" / "demo")
+    code += ("\nimport torch\nlogits = model(pixel_values=torch.randn(2, 1, 32, 32)).logits\n"
+             "print(tuple(logits.shape), hf_siamese.load_backbone_weights(model, 'outputs/demo'))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    shape, loaded = result.stdout.split(")")[0] + ")", int(result.stdout.split(")")[1])
+    assert shape == "(2, 11, 32, 32)" and loaded == len(model.siamese.state_dict())  # every encoder tensor
