@@ -49,8 +49,13 @@ class DenseProbeArguments:
         default=SCENES, metadata={"help": f"'{SCENES}' (generated, seeded) or a dataset with `image` and "
                                           "`annotation` (label map) columns: a local folder or Hub id."}
     )
-    train_split: str = field(default="train", metadata={"help": "Split the probe is trained on."})
-    eval_split: str = field(default="test", metadata={"help": "Split the probe is evaluated on."})
+    train_split: str = field(
+        default="train", metadata={"help": f"Split the probe is trained on ({SCENES}: the Fashion-MNIST split its "
+                                           "items come from, or a window of it such as 'train[:50000]')."}
+    )
+    eval_split: str = field(
+        default="test", metadata={"help": "Split the probe is evaluated on (e.g. 'train[50000:]' to validate)."}
+    )
     num_train_scenes: int = field(default=2000, metadata={"help": f"{SCENES}: training scenes (training images)."})
     num_eval_scenes: int = field(default=1000, metadata={"help": f"{SCENES}: evaluation scenes (test images)."})
     scenes_seed: int = field(default=0, metadata={"help": f"{SCENES}: the seed of the scenes (not of the probe)."})
@@ -91,8 +96,8 @@ class Scenes:
 def load_scene_splits(args: DenseProbeArguments) -> tuple[datasets.Dataset, datasets.Dataset, dict[int, str]]:
     """The training and evaluation scenes and the label names."""
     if args.dataset_name == SCENES:
-        train = make_scenes("train", args.num_train_scenes, args.scenes_seed, args.scene_size)
-        evaluation = make_scenes("test", args.num_eval_scenes, args.scenes_seed, args.scene_size)
+        train = make_scenes(args.train_split, args.num_train_scenes, args.scenes_seed, args.scene_size)
+        evaluation = make_scenes(args.eval_split, args.num_eval_scenes, args.scenes_seed, args.scene_size)
         return train, evaluation, scene_id2label()
     train, evaluation = (datasets.load_dataset(args.dataset_name, split=split)
                          for split in (args.train_split, args.eval_split))
@@ -136,22 +141,26 @@ def stage_names(spec: str, backbone_stages: list[str]) -> list[str]:
 
 
 class LinearSegmentationHead(nn.Module):
-    """BatchNorm and a 1x1 convolution over the maps of the probed levels, upsampled to the finest and
-    concatenated (DINOv2's linear probe; BatchNorm makes the levels' scales comparable)."""
+    """BatchNorm and a 1x1 convolution over the maps of the probed levels, as if upsampled to the finest and
+    concatenated (DINOv2's linear probe; BatchNorm makes the levels' scales comparable).
+
+    Each level is normalised and classified at its own resolution and the logits are upsampled and summed: the
+    same linear map (upsampling and a 1x1 convolution commute), without the concatenated full-resolution features.
+    """
 
     def __init__(self, channels: list[int], num_labels: int):
         super().__init__()
-        self.norm = nn.BatchNorm2d(sum(channels))
-        self.classifier = nn.Conv2d(sum(channels), num_labels, kernel_size=1)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(width) for width in channels)
+        self.classifiers = nn.ModuleList(nn.Conv2d(width, num_labels, kernel_size=1) for width in channels)
+        for classifier in self.classifiers:
+            nn.init.normal_(classifier.weight, std=0.01)
+            nn.init.zeros_(classifier.bias)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         size = max((stage_map.shape[-2:] for stage_map in maps), key=lambda shape: shape[0] * shape[1])
-        joined = torch.cat([stage_map.float() if stage_map.shape[-2:] == size else
-                            F.interpolate(stage_map.float(), size=size, mode="bilinear", align_corners=False)
-                            for stage_map in maps], dim=1)
-        return self.classifier(self.norm(joined))
+        logits = [classifier(norm(stage_map.float()))
+                  for stage_map, norm, classifier in zip(maps, self.norms, self.classifiers)]
+        return sum(level if level.shape[-2:] == size else upsampled(level, size) for level in logits)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ Scenes are a function of ``(split, seed, size, threshold)``: scene ``i`` is the 
 """
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -160,10 +161,23 @@ def split_arrays(split: str, directory: str | Path | None = None) -> tuple[np.nd
     return read_idx(images_path), read_idx(labels_path).astype(np.int64)
 
 
-def scene_rows(layouts: SceneLayouts, scenes: ComposedScenes, labels: np.ndarray) -> dict[str, list]:
-    """Columns of :data:`SCENE_FEATURES` for composed scenes; objects only for items with a visible pixel."""
+def split_window(split: str) -> tuple[str, slice]:
+    """``"train"`` or a window of it in datasets' slice syntax (``"train[:50000]"``, ``"train[50000:]"``): the
+    base split and the slice, so that a validation split is carved from the training images, disjoint from the rest."""
+    match = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", split)
+    if not match or match.group(1) not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, optionally with a window like 'train[:50000]', "
+                         f"got {split!r}")
+    start, stop = (int(value) if value else None for value in match.group(2, 3))
+    return match.group(1), slice(start, stop)
+
+
+def scene_rows(layouts: SceneLayouts, scenes: ComposedScenes, labels: np.ndarray,
+               first_source: int = 0) -> dict[str, list]:
+    """Columns of :data:`SCENE_FEATURES` for composed scenes; objects only for items with a visible pixel.
+    ``first_source``: the split index of the first image the layouts draw from (a window of the split)."""
     boxes, areas = visible_boxes(scenes.owners, layouts.sides.shape[1])
-    fields = {"source_index": layouts.sources.tolist(), "category": labels[layouts.sources].tolist(),
+    fields = {"source_index": (layouts.sources + first_source).tolist(), "category": labels[layouts.sources].tolist(),
               "top": layouts.tops.tolist(), "left": layouts.lefts.tolist(), "side": layouts.sides.tolist()}
     boxes, areas = boxes.tolist(), areas.tolist()
     items, objects = [], []
@@ -194,14 +208,18 @@ def make_scenes(split: str, count: int, seed: int, size: int = 64, *, threshold:
     item_sides = default_item_sides(size) if item_sides is None else tuple(item_sides)
     if not 1 <= item_sides[0] <= item_sides[1] <= size:
         raise ValueError(f"item_sides must satisfy 1 <= smallest <= largest <= size={size}, got {item_sides}")
-    images, labels = split_arrays(split, directory)
-    # The split enters the seed: train and test scenes of one seed share no layout either.
-    generator = np.random.default_rng((seed, SPLITS.index(split)))
-    layouts = draw_layouts(count, generator, len(images), size, item_sides)
+    base, window = split_window(split)
+    images, labels = split_arrays(base, directory)
+    first_source, last_source, _ = window.indices(len(images))
+    images, labels = images[first_source:last_source], labels[first_source:last_source]
+    # The split (and its window) enters the seed: scenes of two splits of one seed share no layout either.
+    key = (seed, SPLITS.index(base)) if split == base else (seed, SPLITS.index(base), first_source, last_source)
+    layouts = draw_layouts(count, np.random.default_rng(key), len(images), size, item_sides)
     columns = {name: [] for name in SCENE_FEATURES}
     for start in range(0, count, _CHUNK):
         chunk = SceneLayouts(*(field[start:start + _CHUNK] for field in layouts))
-        for name, values in scene_rows(chunk, compose(chunk, images, labels, size, threshold), labels).items():
+        composed = compose(chunk, images, labels, size, threshold)
+        for name, values in scene_rows(chunk, composed, labels, first_source).items():
             columns[name] += values
     return Dataset.from_dict(columns, features=SCENE_FEATURES)
 

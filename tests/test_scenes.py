@@ -187,3 +187,15 @@ def test_bad_arguments_are_named():
         make_scenes("validation", 1, seed=0)
     with pytest.raises(ValueError, match="item_sides"):
         make_scenes("train", 1, seed=0, size=32, item_sides=(20, 40))
+
+
+def test_a_window_of_the_training_split_carves_disjoint_validation_scenes():
+    from hf_siamese.scenes import make_scenes, split_window
+
+    assert split_window("train[:50000]") == ("train", slice(None, 50000))
+    fit, validation = make_scenes("train[:50000]", 20, seed=0), make_scenes("train[50000:]", 20, seed=0)
+    fit_sources = {index for items in fit["items"] for index in items["source_index"]}
+    validation_sources = {index for items in validation["items"] for index in items["source_index"]}
+    assert max(fit_sources) < 50000 <= min(validation_sources)  # indices into the whole training split
+    with pytest.raises(ValueError, match="optionally with a window"):
+        make_scenes("validation", 2, seed=0)
