@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Dense transfer (bench/dense.py): first the probes' learning rates on the validation scenes (probe-training scenes
+# of train[:50000], evaluation scenes of train[50000:]; the test scenes stay unread) with BYOL, seed 0; then the
+# sweep on the test scenes, every encoder, seeds 0-2. Resumable: recorded probes are skipped, kept encoders reused,
+# so `nohup bench/dense_track.sh > dense.log 2>&1 &` can be started again in a later session.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+validate() { "$PY" bench/dense.py --validation --encoders byol --seeds 0 "$@"; }
+validate --linear_learning_rate 1e-3 --upernet_learning_rate 3e-4
+validate --linear_learning_rate 1e-2 --upernet_learning_rate 1e-3 --no-upernet
