@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 validate() { "$PY" bench/dense.py --validation --encoders byol --seeds 0 "$@"; }
 validate --linear_learning_rate 1e-3 --upernet_learning_rate 3e-4
-validate --linear_learning_rate 1e-2 --upernet_learning_rate 1e-3 --no-upernet
+validate --linear_learning_rate 1e-2 --no-upernet
+validate --linear_learning_rate 3e-2 --no-upernet
+validate --linear_learning_rate 1e-2 --upernet_learning_rate 1e-3
+# Next: the sweep on the test scenes with the learning rates the grid chose (docs/benchmarks.md, "Dense transfer").
