@@ -11,4 +11,6 @@ validate --linear_learning_rate 1e-3 --upernet_learning_rate 3e-4
 validate --linear_learning_rate 1e-2 --no-upernet
 validate --linear_learning_rate 3e-2 --no-upernet
 validate --linear_learning_rate 1e-2 --upernet_learning_rate 1e-3
-# Next: the sweep on the test scenes with the learning rates the grid chose (docs/benchmarks.md, "Dense transfer").
+# The sweep on the test scenes, with the learning rates the grid chose (bench/dense.py's defaults: linear 3e-2,
+# UperNet 1e-3; docs/benchmarks.md, "Dense transfer"); seed-major, so every encoder gets seed 0 first.
+"$PY" bench/dense.py --encoders random_init,supervised,byol,ladder_byol --seeds 0,1,2
