@@ -74,6 +74,11 @@ def _encode_png(images: np.ndarray) -> list[bytes]:
     return [header + _png_chunk(b"IDAT", zlib.compress(image.tobytes())) + end for image in rows]
 
 
+def png_image_values(images: np.ndarray) -> list[dict]:
+    """``images`` (N, H, W) uint8 as the values of a ``datasets.Image`` column, encoded once as PNG."""
+    return [{"bytes": png, "path": None} for png in _encode_png(images)]
+
+
 def load_fashion_mnist(split: str = "train", directory: str | Path | None = None) -> Dataset:
     """Fashion-MNIST ``split`` from the IDX files in ``directory`` (default ``FASHION_MNIST_DIR``), else the Hub.
 
@@ -98,5 +103,5 @@ def load_fashion_mnist(split: str = "train", directory: str | Path | None = None
         raise ValueError(f"{images_path} {images.shape} and {labels_path} {labels.shape} do not match")
     (part,) = instruction.to_absolute({name: len(images)})
     images, labels = images[part.from_:part.to], labels[part.from_:part.to]
-    image_column = [{"bytes": png, "path": None} for png in _encode_png(images)]
+    image_column = png_image_values(images)
     return Dataset.from_dict({"image": image_column, "label": labels}, features=FEATURES)

@@ -30,7 +30,9 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 from PIL import Image as PILImage
 
-from .fashion_mnist import FASHION_MNIST_DIR, LABEL_NAMES, _encode_png, find_idx_files, load_fashion_mnist, read_idx
+from .fashion_mnist import (
+    FASHION_MNIST_DIR, LABEL_NAMES, find_idx_files, load_fashion_mnist, png_image_values, read_idx,
+)
 
 ITEM_THRESHOLD = 16  # of 255: ~7% of Fashion-MNIST's non-zero pixels are fainter (edges, not garment)
 ITEMS_PER_SCENE = (2, 4)  # inclusive
@@ -187,8 +189,7 @@ def scene_rows(layouts: SceneLayouts, scenes: ComposedScenes, labels: np.ndarray
         objects.append({"bbox": [boxes[scene][slot] for slot in seen],
                         "category": [fields["category"][scene][slot] for slot in seen],
                         "area": [areas[scene][slot] for slot in seen]})
-    return {"image": [{"bytes": png, "path": None} for png in _encode_png(scenes.images)],
-            "annotation": [{"bytes": png, "path": None} for png in _encode_png(scenes.label_maps)],
+    return {"image": png_image_values(scenes.images), "annotation": png_image_values(scenes.label_maps),
             "objects": objects, "items": items}
 
 
