@@ -50,7 +50,8 @@ from hf_siamese.metrics import classification_accuracy
 from hf_siamese.probing import Features, ProbeSchedule, fit_cached_probe, knn_classify, predict
 from hf_siamese.accelerator import native_mixed_precision
 from hf_siamese.monitoring import median_images_per_second
-from hf_siamese.training import PretrainingArguments, train
+from hf_siamese.training import train
+from hf_siamese.training_args import PretrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = load_recipe(ROOT / "configs/fashion_mnist_imagenet_stem_moco.yaml")

@@ -44,7 +44,8 @@ from hf_siamese import SiameseConfig, SiameseModel  # noqa: E402
 from hf_siamese.cli import parse_pretraining_args  # noqa: E402
 from hf_siamese.data import UndecodableImage, open_image  # noqa: E402
 from hf_siamese.checkpointing import completed_checkpoints  # noqa: E402
-from hf_siamese.training import NonFiniteLossError, train  # noqa: E402
+from hf_siamese.monitoring import NonFiniteLossError  # noqa: E402
+from hf_siamese.training import train  # noqa: E402
 
 TINY_MODEL = ["--backbone", "resnet18", "--image_size", "32", "--projector_hidden_dim", "32", "--projector_dim", "16",
               "--predictor_hidden_dim", "16"]

@@ -34,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from bench.gpu_smoke import LADDER, SCALES, Scale, describe, smoke_config, where  # noqa: E402
 from bench.train_step import make_views  # noqa: E402
 from hf_siamese import SiameseForPreTraining  # noqa: E402
-from hf_siamese.batchnorm import convert_sync_batchnorm  # noqa: E402
 from hf_siamese.optim import build_optimizer  # noqa: E402
 from hf_siamese.training import ema_step, views_to_device  # noqa: E402
 
@@ -52,7 +51,7 @@ def run_case(device: torch.device, scale: Scale, sync_bn: bool) -> dict:
     torch.manual_seed(0)  # the same weights and queues on every rank
     model = SiameseForPreTraining(config)  # after init_process_group: AsymBN's target BN spans the ranks
     if sync_bn:
-        model = convert_sync_batchnorm(model)
+        model = model.convert_sync_batchnorm()
     model = model.to(device).train()
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   broadcast_buffers=False)

@@ -23,7 +23,8 @@ from hf_siamese import SiameseConfig
 from hf_siamese.data import DataArguments
 from hf_siamese.fashion_mnist import load_fashion_mnist
 from hf_siamese.probing import extract_features, knn_classify
-from hf_siamese.training import PretrainingArguments, train
+from hf_siamese.training import train
+from hf_siamese.training_args import PretrainingArguments
 
 RUNS = {"byol": {}, "ladder_byol": {"ladder_levels": [1, 2, 3, 4]}}
 

@@ -26,7 +26,7 @@ machine's dense fp32 matmul rate.
 
 Extra ``ours`` variants with ``--variants channels_last,bf16,compile,separate_views``: the library's
 ``channels_last`` option, ``mixed_precision="bf16"``, ``torch_compile`` (compilation happens in the warm-up
-steps) and ``batch_views=False`` (one forward per view).
+steps) and ``batch_views=False`` (one forward per view); ``ratio_ours_variants`` holds ours over each.
 
     pip install -e ".[bench]"   # lightly
     python bench/train_step.py [--cases byol/r18_32/base,...] [--repeats 7] [--warmup 2] [--variants channels_last,bf16]
@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -53,7 +53,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_siamese import SiameseConfig, SiameseForPreTraining
-from hf_siamese.heads import HEAD_LAYOUTS, HeadBlock, mlp_blocks
+from hf_siamese.frameworks import get_framework
+from hf_siamese.heads import HeadBlock, mlp_blocks
 from hf_siamese.optim import build_optimizer, build_scheduler
 from hf_siamese.training import ema_step, training_step, views_to_device
 
@@ -266,13 +267,13 @@ class ReferenceStep(nn.Module):
         self.levels = list(config.ladder_levels or [len(stages)])
         self.stage_indices = stages
         widths = {level: self.backbone.feature_info[stages[level - 1]]["num_chs"] for level in self.levels}
-        layouts = HEAD_LAYOUTS[config.framework]
+        framework = get_framework(config.framework)
         self.projectors = nn.ModuleDict({str(level): parts.head(mlp_blocks(
             [widths[level]] + [config.projector_hidden_dim] * (config.projector_num_layers - 1) + [config.projector_dim],
-            layouts["projector"])) for level in self.levels})
+            framework.projector)) for level in self.levels})
         self.predictors = nn.ModuleDict({str(level): parts.head(mlp_blocks(
             [config.projector_dim] + [config.predictor_hidden_dim] * (config.predictor_num_layers - 1)
-            + [config.projector_dim], layouts["predictor"])) for level in self.levels} if config.predictor_num_layers
+            + [config.projector_dim], framework.predictor)) for level in self.levels} if config.predictor_num_layers
             else {})
         self.losses = [parts.loss(config, config.projector_dim) for _ in self.levels]
         self.momentum_target = config.uses_momentum_target
@@ -532,6 +533,7 @@ def run_case(case: Case, repeats: int, warmup: int, variants: tuple[str, ...] = 
         "ratio_ours_lightly": paired_ratio(times, "lightly") if "lightly" in steps else None,
         "ratio_ours_separate_views": (paired_ratio(times, "ours+separate_views")
                                       if "ours+separate_views" in steps else None),
+        "ratio_ours_variants": {variant: paired_ratio(times, f"ours+{variant}") for variant in variants},
         "ratio_best_ours_plain": paired_ratio(times, "plain", best_ours=True),
         "ratio_best_ours_plain_concat": paired_ratio(times, "plain_concat", best_ours=True),
         "ratio_best_ours_lightly": paired_ratio(times, "lightly", best_ours=True) if "lightly" in steps else None,

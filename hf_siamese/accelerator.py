@@ -12,7 +12,6 @@ from accelerate.utils import (
     DeepSpeedPlugin, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin,
 )
 
-from .batchnorm import convert_sync_batchnorm
 from .configuration_siamese import SiameseConfig
 from .modeling_siamese import SiameseForPreTraining
 from .starting_model import load_starting_model
@@ -132,7 +131,7 @@ def build_model(config: SiameseConfig, args: PretrainingArguments, accelerator: 
     if args.sync_bn and accelerator.num_processes > 1:
         if not torch.cuda.is_available():
             raise ValueError("`sync_bn` needs CUDA: torch's SyncBatchNorm does not run on CPU.")
-        model = convert_sync_batchnorm(model)
+        model = model.convert_sync_batchnorm()
     # DDP would broadcast every MoCo queue from rank 0 at each forward; they are identical by construction.
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, model.queue_buffer_names())

@@ -65,84 +65,27 @@ def views_in_batch(norms: Iterable[PerViewStatistics], num_views: int):
             norm.num_views = 1
 
 
-class _ViewsBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm of each of ``len(momenta)`` equal chunks, written into one output tensor.
+class ViewNorms:
+    """A model's per-view BatchNorms, found once after it is built (and again after :func:`convert_sync_batchnorm`),
+    so that a forward pass does not search the module tree."""
 
-    Equal (to rounding) to normalising each chunk on its own and concatenating, without the concatenation's
-    copy in the forward: torch's CPU kernel writes each chunk's output into its slice of one tensor.
-    """
+    def __init__(self, model: nn.Module):
+        norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+        self.norms = [norm for norm in norms if isinstance(norm, PerViewStatistics)]
+        # A backbone's own BatchNorm subclass (timm's BatchNormAct2d) cannot tell views apart.
+        self.all_per_view = len(self.norms) == len(norms)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momenta: list[float], eps: float):
-        num_views = len(momenta)
-        output = torch.empty_like(input)
-        stats_dtype = torch.promote_types(input.dtype, torch.float32)
-        saved = input.new_empty((num_views, 2, input.shape[1]), dtype=stats_dtype)
-        for view, view_output, stats, momentum in zip(input.chunk(num_views), output.chunk(num_views), saved, momenta):
-            torch.ops.aten.native_batch_norm.out(view, weight, bias, running_mean, running_var, True, momentum, eps,
-                                                 out=view_output, save_mean=stats[0], save_invstd=stats[1])
-        ctx.save_for_backward(input, weight, saved)
-        ctx.eps, ctx.has_bias = eps, bias is not None
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, saved = ctx.saved_tensors
-        num_views = len(saved)
-        # All three gradients are asked for, so that every out= tensor is filled; unwanted ones are dropped.
-        scale = weight if weight is not None else saved.new_ones(input.shape[1])
-        grad_input = torch.empty_like(input)
-        parameter_grads = saved.new_empty((num_views, 2, input.shape[1]))
-        for view, grad, view_grad, stats, grads in zip(input.chunk(num_views), grad_output.chunk(num_views),
-                                                       grad_input.chunk(num_views), saved, parameter_grads):
-            torch.ops.aten.native_batch_norm_backward.out(grad, view, scale, None, None, stats[0], stats[1], True,
-                                                          ctx.eps, [True, True, True],
-                                                          out0=view_grad, out1=grads[0], out2=grads[1])
-        summed = parameter_grads.sum(dim=0)
-        grad_weight = summed[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = summed[1].to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+    def views_in_batch(self, num_views: int):
+        """Within the block, every per-view BatchNorm treats each batch as ``num_views`` views of equal size."""
+        return views_in_batch(self.norms, num_views) if num_views > 1 else contextlib.nullcontext()
 
 
-class _ViewBatchNorm(PerViewStatistics):
-    """A plain BatchNorm whose per-view forward is :class:`_ViewsBatchNorm` in training on CPU, for contiguous
-    inputs with fp32 statistics, and elsewhere one BatchNorm call per view, concatenated (under torch.compile,
-    which fuses the copies)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if not self._splits_views(input):
-            return super().forward(input)
-        if not (self.training and self._writes_in_place(input)):
-            return torch.cat([super(_ViewBatchNorm, self).forward(view) for view in input.chunk(self.num_views)])
-        return _ViewsBatchNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                     self._view_momenta(), self.eps)
-
-    def _writes_in_place(self, input: torch.Tensor) -> bool:
-        parameters = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
-        # The kernel keeps fp32 statistics for fp32 input, or for 16-bit input beside fp32 parameters.
-        fp32_statistics = all(t.dtype == torch.float32 for t in parameters) and (
-            input.dtype == torch.float32 or bool(parameters))
-        contiguous = input.is_contiguous() or (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last))
-        return input.device.type == "cpu" and fp32_statistics and contiguous and not torch.compiler.is_compiling()
-
-    def _view_momenta(self) -> list[float]:
-        """Each view's running-average factor, counting one tracked batch per view as separate forwards do."""
-        if not self.track_running_stats:
-            return [0.0] * self.num_views
-        momenta = []
-        for _ in range(self.num_views):
-            self.num_batches_tracked.add_(1)
-            momenta.append(self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked))
-        return momenta
+class ViewBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
+    forward = per_view(nn.BatchNorm1d.forward)
 
 
-class ViewBatchNorm1d(_ViewBatchNorm, nn.BatchNorm1d):
-    pass
-
-
-class ViewBatchNorm2d(_ViewBatchNorm, nn.BatchNorm2d):
-    pass
+class ViewBatchNorm2d(PerViewStatistics, nn.BatchNorm2d):
+    forward = per_view(nn.BatchNorm2d.forward)
 
 
 class ViewSyncBatchNorm(PerViewStatistics, nn.SyncBatchNorm):
@@ -223,7 +166,8 @@ def make_per_view(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> ViewBatchNorm1d | View
     kind = ViewBatchNorm1d if isinstance(bn, nn.BatchNorm1d) else ViewBatchNorm2d
     per_view_bn = kind(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                        track_running_stats=bn.track_running_stats)
-    per_view_bn._parameters, per_view_bn._buffers = bn._parameters, bn._buffers
+    for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
+        setattr(per_view_bn, name, tensor)
     if hasattr(bn, "_is_hf_initialized"):
         per_view_bn._is_hf_initialized = bn._is_hf_initialized
     return per_view_bn.train(bn.training)

@@ -28,7 +28,7 @@ from .configuration_siamese import SiameseConfig
 from .data import DataArguments
 from .sources import check_one_source
 from .starting_model import check_starting_model
-from .training import PretrainingArguments
+from .training_args import PretrainingArguments
 
 logger = logging.getLogger(__name__)
 

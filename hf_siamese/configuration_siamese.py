@@ -1,7 +1,8 @@
 """Configuration of Siamese self-supervised encoders (MoCo, MoCo v3, BYOL, SimSiam over timm backbones).
 
 The config is the only place hyperparameters live. Fields a framework defines are left ``None`` by the caller
-and filled from :data:`FRAMEWORK_DEFAULTS` (the papers' official ResNet-50 recipes); an explicit value always wins.
+and filled from the framework's entry in :data:`hf_siamese.frameworks.FRAMEWORKS` (the papers' official ResNet-50
+recipes); an explicit value always wins.
 It is also a transformers *backbone* config (``BackboneConfigMixin``: ``stage_names``, ``out_features``,
 ``out_indices``), so that any hf_siamese checkpoint's config can be the ``backbone_config`` of a dense head; the
 stage names are read from the timm model itself, which depends only on fields saved in every config, so configs
@@ -11,87 +12,21 @@ same-directory modules, so that it can be copied next to a checkpoint and loaded
 """
 
 import difflib
-from types import SimpleNamespace
+from collections.abc import Mapping
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-FRAMEWORKS = ("moco", "mocov3", "byol", "simsiam")
-AUGMENTATIONS = ("mocov2", "byol", "small_gray")  # hf_siamese.views.RECIPES (not imported: this file is torch-free)
+from .frameworks import FRAMEWORKS, frameworks_using, get_framework
+from .recipes import AUGMENTATIONS
 
-# Widths are the papers' ResNet-50 ones; the projector's input width is always the backbone's feature width.
-FRAMEWORK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Asym-Siam's baseline "Our MoCo" (Wang et al. 2022, Sec. 3): MoCo v2 (Chen et al. 2020) with a BN projector.
-    "moco": {
-        "projector_num_layers": 3,
-        "projector_hidden_dim": 2048,
-        "projector_dim": 128,
-        "predictor_num_layers": 0,
-        "predictor_hidden_dim": None,
-        "queue_size": 65536,
-        "temperature": 0.2,
-        "momentum": 0.999,
-        "momentum_final": 0.999,
-        "symmetric_loss": False,
-        "augmentation": "mocov2",
-        "shuffle_bn": True,
-    },
-    # MoCo v3 (Chen, Xie, He 2021), ResNet-50 recipe: tau 1.0, m 0.99 -> 1 on a half-cosine.
-    "mocov3": {
-        "projector_num_layers": 2,
-        "projector_hidden_dim": 4096,
-        "projector_dim": 256,
-        "predictor_num_layers": 2,
-        "predictor_hidden_dim": 4096,
-        "queue_size": 0,
-        "temperature": 1.0,
-        "momentum": 0.99,
-        "momentum_final": 1.0,
-        "symmetric_loss": True,
-        "augmentation": "byol",
-        "shuffle_bn": False,
-    },
-    # BYOL (Grill et al. 2020, Sec. 3.3): heads 4096 -> 256, tau_base 0.996 -> 1.
-    "byol": {
-        "projector_num_layers": 2,
-        "projector_hidden_dim": 4096,
-        "projector_dim": 256,
-        "predictor_num_layers": 2,
-        "predictor_hidden_dim": 4096,
-        "queue_size": 0,
-        "temperature": None,
-        "momentum": 0.996,
-        "momentum_final": 1.0,
-        "symmetric_loss": True,
-        "augmentation": "byol",
-        "shuffle_bn": False,
-    },
-    # SimSiam (Chen & He 2021, Sec. 4): 3-layer 2048 projector, 2048-512-2048 predictor, no momentum encoder.
-    "simsiam": {
-        "projector_num_layers": 3,
-        "projector_hidden_dim": 2048,
-        "projector_dim": 2048,
-        "predictor_num_layers": 2,
-        "predictor_hidden_dim": 512,
-        "queue_size": 0,
-        "temperature": None,
-        "momentum": None,
-        "momentum_final": None,
-        "symmetric_loss": True,
-        "augmentation": "mocov2",
-        "shuffle_bn": False,
-    },
-}
-
-# Which framework fields only make sense for some frameworks: setting them elsewhere is an inconsistency.
-_ONLY_FOR = {
-    "queue_size": ("moco",),
-    "temperature": ("moco", "mocov3"),
-    "momentum": ("moco", "mocov3", "byol"),
-    "momentum_final": ("moco", "mocov3", "byol"),
-}
+# The table's defaults under their former name, read-only; hf_siamese exports it.
+FRAMEWORK_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {name: framework.defaults for name, framework in FRAMEWORKS.items()}
+)
 
 
 @strict(accept_kwargs=True)
@@ -219,17 +154,7 @@ class SiameseConfig(BackboneConfigMixin, PreTrainedConfig):
         out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
         kwargs.pop("stage_names", None)  # saved by to_dict; always read again from the backbone
         _refuse_misspelt_fields(kwargs)
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"`framework` must be one of {FRAMEWORKS}, got {self.framework!r}.")
-        for name, allowed in _ONLY_FOR.items():
-            if getattr(self, name) not in (None, 0) and self.framework not in allowed:
-                raise ValueError(
-                    f"`{name}` does not apply to framework {self.framework!r} (only to {', '.join(allowed)}); "
-                    f"leave it unset."
-                )
-        for name, value in FRAMEWORK_DEFAULTS[self.framework].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        self._fill_framework_fields()
         if self.predictor_num_layers and self.predictor_hidden_dim is None:
             self.predictor_hidden_dim = self.projector_hidden_dim
         if kwargs.get("auto_map") is None:
@@ -246,6 +171,19 @@ class SiameseConfig(BackboneConfigMixin, PreTrainedConfig):
         self.stage_names = backbone_stage_names(self)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__post_init__(**kwargs)
+
+    def _fill_framework_fields(self):
+        """Refuse framework-only fields the framework has no use for, then fill the unset ones from its table entry."""
+        framework = get_framework(self.framework)
+        for name in framework.unused_fields:
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(
+                    f"`{name}` does not apply to framework {self.framework!r} "
+                    f"(only to {', '.join(frameworks_using(name))}); leave it unset."
+                )
+        for name, value in framework.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def _check_values(self):
         _require_backbone(self.backbone)

@@ -1,14 +1,17 @@
 """Projector and predictor MLPs, one builder for every framework.
 
 A head is a list of :class:`HeadBlock` (Linear, optional BatchNorm, optional ReLU), in the spirit of lightly's
-``ProjectionHead``. Each framework contributes only its layout (:data:`HEAD_LAYOUTS`, from its paper); the
-widths and depths come from :class:`SiameseConfig`.
+``ProjectionHead``. Each framework contributes only its layouts (the ``projector`` and ``predictor``
+:class:`HeadLayout` of its entry in :data:`hf_siamese.frameworks.FRAMEWORKS`, from its paper); the widths and
+depths come from :class:`SiameseConfig`.
 """
 
 from dataclasses import dataclass
 from itertools import pairwise
 
 from torch import nn
+
+from .frameworks import HeadLayout, get_framework
 
 
 @dataclass(frozen=True)
@@ -21,32 +24,6 @@ class HeadBlock:
     batch_norm: bool
     batch_norm_affine: bool
     relu: bool
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Where a framework puts BatchNorm and biases in its MLPs.
-
-    ``hidden_batch_norm``: ``"all"`` hidden layers, or only the ``"first"``; ``last_batch_norm``: a BN without
-    affine parameters after the output layer; ``bias``: whether a Linear not followed by BN has a bias (a Linear
-    followed by BN never has one: the BN would cancel it).
-    """
-
-    hidden_batch_norm: str = "all"
-    last_batch_norm: bool = False
-    bias: bool = True
-
-
-HEAD_LAYOUTS: dict[str, dict[str, HeadLayout]] = {
-    # Asym-Siam's MoCo projector: Linear-BN-ReLU-Linear-ReLU-Linear (issue spec of "Our MoCo").
-    "moco": {"projector": HeadLayout(hidden_batch_norm="first"), "predictor": HeadLayout()},
-    # MoCo v3 Sec. 4 / App.: every Linear without bias, BN on hidden layers, projector output BN without affine.
-    "mocov3": {"projector": HeadLayout(last_batch_norm=True, bias=False), "predictor": HeadLayout(bias=False)},
-    # BYOL Sec. 3.3: Linear-BN-ReLU-Linear for projector and predictor.
-    "byol": {"projector": HeadLayout(), "predictor": HeadLayout()},
-    # SimSiam Sec. 4: BN on every projector layer including the output (no affine there); predictor BN on hidden.
-    "simsiam": {"projector": HeadLayout(last_batch_norm=True), "predictor": HeadLayout()},
-}
 
 
 def mlp_blocks(dims: list[int], layout: HeadLayout) -> list[HeadBlock]:
@@ -76,7 +53,7 @@ class ProjectionHead(nn.Sequential):
     """An MLP built from :class:`HeadBlock` s: ``Linear [-> BatchNorm1d] [-> ReLU]`` per block.
 
     Example:
-        >>> head = ProjectionHead(mlp_blocks([512, 1024, 128], HEAD_LAYOUTS["byol"]["projector"]))
+        >>> head = ProjectionHead(mlp_blocks([512, 1024, 128], FRAMEWORKS["byol"].projector))
         >>> head(torch.randn(8, 512)).shape
         torch.Size([8, 128])
     """
@@ -96,7 +73,7 @@ class ProjectionHead(nn.Sequential):
 def build_projector(config, in_dim: int) -> ProjectionHead:
     """The framework's projector from ``in_dim`` (the backbone's feature width) to ``config.projector_dim``."""
     dims = [in_dim] + [config.projector_hidden_dim] * (config.projector_num_layers - 1) + [config.projector_dim]
-    return ProjectionHead(mlp_blocks(dims, HEAD_LAYOUTS[config.framework]["projector"]))
+    return ProjectionHead(mlp_blocks(dims, get_framework(config.framework).projector))
 
 
 def build_predictor(config) -> ProjectionHead | None:
@@ -105,4 +82,4 @@ def build_predictor(config) -> ProjectionHead | None:
         return None
     hidden = [config.predictor_hidden_dim] * (config.predictor_num_layers - 1)
     dims = [config.projector_dim, *hidden, config.projector_dim]
-    return ProjectionHead(mlp_blocks(dims, HEAD_LAYOUTS[config.framework]["predictor"]))
+    return ProjectionHead(mlp_blocks(dims, get_framework(config.framework).predictor))

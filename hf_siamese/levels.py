@@ -5,7 +5,6 @@ Like the modeling file, this imports only torch and same-directory modules, so t
 weights and loads with ``trust_remote_code``.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +35,12 @@ class SourceOutput:
 
     def chunk(self, chunks: int) -> list["SourceOutput"]:
         """One output per view of a batch that holds ``chunks`` views."""
-        values = [getattr(self, field.name) for field in dataclasses.fields(self)]
-        return [SourceOutput(*parts) for parts in zip(*(
-            [None] * chunks if value is None else value.chunk(chunks) for value in values))]
+
+        def split(tensor: torch.Tensor | None) -> list:
+            return [None] * chunks if tensor is None else list(tensor.chunk(chunks))
+
+        return [SourceOutput(*parts) for parts in zip(split(self.projection), split(self.prediction),
+                                                       split(self.cell_projection), split(self.cell_prediction))]
 
     def as_target(self) -> "Target":
         """These projections as a target under stop-gradient (SimSiam's target of a view the source encoded)."""

@@ -250,16 +250,7 @@ def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | N
     eval_features = extract_features(model, eval_raw, **extract, skipped=skipped["eval"])
 
     results = _knn_results(args, train_features, eval_features, levels, num_classes) if args.knn_neighbours else []
-    schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
-                             optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
-                             weight_decay=args.weight_decay, batchnorm=args.head_batchnorm, seed=args.seed)
-    if args.protocol == "cached":
-        heads = fit_cached_probe(train_features, levels, num_classes, schedule, progress)
-    else:
-        images = LabelledImages(train_raw, spec.train_transform(), num_channels=spec.num_channels,
-                                label_column=args.label_column, image_column=args.image_column)
-        heads = fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress,
-                                    args.mixed_precision, skipped=skipped["train"])
+    heads = _fit_heads(args, model, spec, train_raw, train_features, levels, num_classes, skipped["train"])
     frozen.verify(model)
     for level, logits in predict(heads, eval_features).items():
         for name, value in classification_accuracy(logits, eval_features.labels).items():
@@ -271,6 +262,21 @@ def _probe(args: ProbeArguments, output_dir: Path) -> tuple[list[dict], dict | N
     decodable = tuple(skipped[split].kept(raw) for split, raw in zip(SPLITS, (train_raw, eval_raw)))
     pictures = _pictures(args, output_dir, train_features, eval_features, decodable, spec, num_classes)
     return [{**record, **common} for record in results], pictures
+
+
+def _fit_heads(args: ProbeArguments, model, spec: InputSpec, train_raw, train_features: Features | None, levels: list,
+               num_classes: int, skipped: SkippedImages) -> dict:
+    """The linear heads, fitted on cached features or on augmented views re-encoded every epoch."""
+    progress = not args.disable_tqdm
+    schedule = ProbeSchedule(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
+                             optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.sgd_momentum,
+                             weight_decay=args.weight_decay, batchnorm=args.head_batchnorm, seed=args.seed)
+    if args.protocol == "cached":
+        return fit_cached_probe(train_features, levels, num_classes, schedule, progress)
+    images = LabelledImages(train_raw, spec.train_transform(), num_channels=spec.num_channels,
+                            label_column=args.label_column, image_column=args.image_column)
+    return fit_augmented_probe(model, images, levels, num_classes, schedule, args.dataloader_num_workers, progress,
+                               args.mixed_precision, skipped=skipped)
 
 
 def _pictures(args: ProbeArguments, output_dir: Path, train: Features | None, evaluation: Features, raw: tuple,

@@ -1,8 +1,9 @@
 """Siamese losses: InfoNCE against a queue (MoCo) or the batch (MoCo v3), and negative cosine (BYOL, SimSiam).
 
 Every loss takes ``(prediction, target)``: ``prediction`` from the source branch (with gradient), ``target`` from
-the target branch, L2-normalised and without gradient. ``direction_reduction`` says how a framework combines the
-two directions of a symmetric loss: BYOL and MoCo v3 sum them, SimSiam averages them.
+the target branch, L2-normalised and without gradient. Which loss a framework uses, and how it combines the two
+directions of a symmetric loss (BYOL and MoCo v3 sum them, SimSiam averages them), is its entry in
+:data:`hf_siamese.frameworks.FRAMEWORKS`.
 """
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import gather_without_grad, rank
+from .frameworks import get_framework
 
 
 class QueueInfoNCELoss(nn.Module):
@@ -24,8 +26,6 @@ class QueueInfoNCELoss(nn.Module):
         >>> loss(q, k, queue).shape
         torch.Size([])
     """
-
-    direction_reduction = "sum"
 
     def __init__(self, temperature: float):
         super().__init__()
@@ -52,8 +52,6 @@ class BatchInfoNCELoss(nn.Module):
         torch.Size([])
     """
 
-    direction_reduction = "sum"
-
     def __init__(self, temperature: float):
         super().__init__()
         self.temperature = temperature
@@ -75,8 +73,6 @@ class NormalizedMSELoss(nn.Module):
         torch.Size([])
     """
 
-    direction_reduction = "sum"
-
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (2 - 2 * F.cosine_similarity(prediction, target, dim=1)).mean()
 
@@ -91,18 +87,20 @@ class NegativeCosineLoss(nn.Module):
         torch.Size([])
     """
 
-    direction_reduction = "mean"
-
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -F.cosine_similarity(prediction, target, dim=1).mean()
 
 
+LOSS_CLASSES: dict[str, type[nn.Module]] = {
+    "queue_infonce": QueueInfoNCELoss,
+    "batch_infonce": BatchInfoNCELoss,
+    "normalized_mse": NormalizedMSELoss,
+    "negative_cosine": NegativeCosineLoss,
+}
+
+
 def build_loss(config) -> nn.Module:
-    """The loss of ``config.framework``."""
-    if config.framework == "moco":
-        return QueueInfoNCELoss(config.temperature)
-    if config.framework == "mocov3":
-        return BatchInfoNCELoss(config.temperature)
-    if config.framework == "byol":
-        return NormalizedMSELoss()
-    return NegativeCosineLoss()
+    """The loss ``config.framework``'s table entry names, so that each framework's loss is chosen in one place."""
+    framework = get_framework(config.framework)
+    loss_class = LOSS_CLASSES[framework.loss]
+    return loss_class(config.temperature) if framework.uses("temperature") else loss_class()

@@ -20,19 +20,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from .accelerator import (
-    build_model, deepspeed_settings, float32_state_dict, make_accelerator, native_mixed_precision, prepare,
-    sum_over_processes,
+    build_model, deepspeed_settings, float32_state_dict, make_accelerator, prepare, sum_over_processes,
 )
-from .checkpointing import (
-    ResumePoint, completed_checkpoints, find_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint,
-)
+from .checkpointing import ResumePoint, find_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
 from .hub import check_hub_access, push_checkpoint, push_model, save_image_processor
 from .levels import check_queue_fits
 from .model_card import TRAINING_RUN, write_model_card
 from .modeling_siamese import SiameseForPreTraining
-from .monitoring import DivergenceGuard, MetricsLogger, NonFiniteLossError, median_images_per_second
+from .monitoring import DivergenceGuard, MetricsLogger
 from .optim import build_optimizer, build_scheduler, scaled_learning_rate
 from .probing import OnlineKNN
 from .run_folder import check_new_run, check_resumable, clear
@@ -42,9 +39,7 @@ from .training_args import PretrainingArguments
 from .variance import VarianceMonitor
 from .views import MultiViewTransform
 
-# Where callers have always found them.
-__all__ = ["PretrainingArguments", "TrainResult", "train", "training_step", "ema_step", "views_to_device",
-           "NonFiniteLossError", "completed_checkpoints", "median_images_per_second", "native_mixed_precision"]
+__all__ = ["train", "TrainResult", "training_step", "ema_step", "views_to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +54,10 @@ class TrainResult:
 
 
 def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments) -> TrainResult:
-    """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``."""
+    """Pretrain a :class:`SiameseForPreTraining` and save it (with its image processor) in ``args.output_dir``.
+
+    The run's parts are built here, each once, after the parts it needs.
+    """
     if args.export_timm:
         check_timm_exportable(config)  # before training, not after it
     if args.push_to_hub:
@@ -67,14 +65,18 @@ def train(config: SiameseConfig, data_args: DataArguments, args: PretrainingArgu
     accelerator = make_accelerator(args, args.tracker_dir)
     _take_output_dir(args, accelerator)
     set_seed(args.seed, deterministic=args.deterministic)
-    run = _setup_run(config, data_args, args, accelerator)
-    resume = _start(run)
-    log = _LogMetrics(run)
-    actions = [_CheckDivergence(run), log, *_observers(run), _SaveCheckpoint(run)]  # read run.metrics when due
-    run.metrics = MetricsLogger(accelerator, run.output_dir / "metrics.jsonl", run.schedule.total_steps, resume.step,
-                                 resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
-    step = _loop(run, resume, actions)
-    return _finish(run, step, log.loss, resume.checkpoint)
+    run = _build_run(config, data_args, args, accelerator)
+    resume = _start_or_resume(run)
+    # The measurements load their data after the resume, and before the metrics logger starts the training clock.
+    variance, knn = _variance_monitor(run), _online_knn(args, data_args, accelerator)
+    metrics = MetricsLogger(accelerator, run.output_dir / "metrics.jsonl", run.schedule.total_steps, resume.step,
+                            resuming=bool(args.resume_from_checkpoint), seconds_before=resume.seconds)
+    guard = DivergenceGuard(accelerator, run.output_dir)
+    log, save = _LogMetrics(run, metrics), _SaveCheckpoint(run, metrics)
+    check = _CheckDivergence(guard, run.model, save, args.logging_steps, run.schedule.total_steps)
+    actions = [check, log, *_measurements(run, metrics, variance, knn), save]  # run in this order after a step
+    step = _loop(run, resume, metrics, guard, actions)
+    return _finish(run, step, log.loss, metrics, resume.checkpoint)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class _Schedule:
 
 @dataclass
 class _Run:
-    """What the loop, its after-step actions and the finish share."""
+    """The run's fixed parts, built before the first step: what the loop trains and the finish saves."""
 
     args: PretrainingArguments
     data_args: DataArguments
@@ -105,8 +107,6 @@ class _Run:
     data: PretrainingData
     transform: MultiViewTransform
     schedule: _Schedule
-    guard: DivergenceGuard
-    metrics: MetricsLogger | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -124,7 +124,7 @@ class _StepDone:
     momentum: float | None
 
 
-def _setup_run(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments,
+def _build_run(config: SiameseConfig, data_args: DataArguments, args: PretrainingArguments,
                accelerator: Accelerator) -> _Run:
     """The model, the data, the schedule and the optimizer, prepared by Accelerate."""
     model = build_model(config, args, accelerator)
@@ -150,9 +150,8 @@ def _setup_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
     prepared, optimizer = prepare(accelerator, model, optimizer, args)
     # The scheduler is not prepared: it steps once per optimizer step and is checkpointed as JSON (checkpointing.py).
     unwrapped = accelerator.unwrap_model(prepared, keep_torch_compile=False)
-    guard = DivergenceGuard(accelerator, Path(args.output_dir))
     return _Run(args, data_args, config, accelerator, prepared, unwrapped, optimizer, scheduler, raw, source, data,
-                transform, schedule, guard)
+                transform, schedule)
 
 
 def _schedule(args: PretrainingArguments, data: PretrainingData, accelerator: Accelerator) -> _Schedule:
@@ -187,7 +186,7 @@ def _warn_if_shrunk(config: SiameseConfig, schedule: _Schedule) -> None:
                        config.multicrop_local_size, config.image_size)
 
 
-def _start(run: _Run) -> ResumePoint:
+def _start_or_resume(run: _Run) -> ResumePoint:
     """Clear what an interrupted save left, load the checkpoint to resume from (if any), start the trackers."""
     accelerator, args = run.accelerator, run.args
     resume = ResumePoint()
@@ -222,44 +221,45 @@ def _check_resumable_layout(model: SiameseForPreTraining, output_dir: Path) -> N
         )
 
 
-def _loop(run: _Run, resume: ResumePoint, actions: list["_AfterStep"]) -> int:
+def _loop(run: _Run, resume: ResumePoint, metrics: MetricsLogger, guard: DivergenceGuard,
+          actions: list["_AfterStep"]) -> int:
     """Train from ``resume`` to the last step, running each action after the optimizer steps it is due at."""
     step, accelerator = resume.step, run.accelerator
     batches = run.data.batches(start_epoch=resume.epoch, start_batch=resume.batches_done)
     if resume.batches_done and step < run.schedule.total_steps:
-        with run.metrics.paused():  # replaying the epoch's batches before the checkpoint is not training time
+        with metrics.paused():  # replaying the epoch's batches before the checkpoint is not training time
             batches = itertools.chain([next(batches)], batches)
     while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
         batch = views_to_device(batch, accelerator.device, run.args.channels_last)
         output = training_step(accelerator, run.model, run.optimizer, batch, run.args.max_grad_norm)
-        run.guard.observe(output.loss, step + 1)
-        run.metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
+        guard.observe(output.loss, step + 1)
+        metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
         run.scheduler.step()
         step += 1
         momentum = ema_step(run.unwrapped, step / run.schedule.total_steps)
-        run.metrics.advance()
+        metrics.advance()
         done = _StepDone(step, epoch, batch_index, output, momentum)
         for action in actions:
             if action.due(step):
                 action(done)
-    run.metrics.close()
+    metrics.close()
     return step
 
 
 class _AfterStep:
-    """An action after an optimizer step, due every ``every`` steps (never when 0) and, with ``at_end``, at the
-    last step."""
+    """An action after an optimizer step, due every ``every`` steps (never when 0) and, with ``at_end``, at
+    ``last_step``."""
 
     at_end = False
 
-    def __init__(self, run: _Run, every: int):
-        self.run, self.every = run, every
+    def __init__(self, every: int, last_step: int):
+        self.every, self.last_step = every, last_step
 
     def due(self, step: int) -> bool:
-        return (bool(self.every) and step % self.every == 0) or (self.at_end and step == self.run.schedule.total_steps)
+        return (bool(self.every) and step % self.every == 0) or (self.at_end and step == self.last_step)
 
     def __call__(self, done: _StepDone) -> None:
         raise NotImplementedError
@@ -268,15 +268,16 @@ class _AfterStep:
 class _SaveCheckpoint(_AfterStep):
     """A checkpoint every `checkpointing_steps` (the last step saves the model instead), pushed if asked."""
 
-    def __init__(self, run: _Run):
-        super().__init__(run, run.args.checkpointing_steps)
+    def __init__(self, run: _Run, metrics: MetricsLogger):
+        super().__init__(run.args.checkpointing_steps, run.schedule.total_steps)
+        self.run, self.metrics = run, metrics  # the checkpoint keeps the training seconds so far
 
     def due(self, step: int) -> bool:
-        return super().due(step) and step < self.run.schedule.total_steps
+        return super().due(step) and step < self.last_step
 
     def __call__(self, done: _StepDone) -> None:
         run = self.run
-        point = ResumePoint(done.step, done.epoch, done.batch_index + 1, run.metrics.elapsed)
+        point = ResumePoint(done.step, done.epoch, done.batch_index + 1, self.metrics.elapsed)
         checkpoint = save_checkpoint(run.accelerator, run.output_dir, point, run.scheduler,
                                      run.args.checkpoints_total_limit, _run_settings(run.schedule))
         if run.args.push_checkpoints and run.accelerator.is_main_process:
@@ -289,9 +290,10 @@ class _LogMetrics(_AfterStep):
 
     at_end = True
 
-    def __init__(self, run: _Run):
-        super().__init__(run, run.args.logging_steps)
-        self.loss = float("nan")
+    def __init__(self, run: _Run, metrics: MetricsLogger):
+        super().__init__(run.args.logging_steps, run.schedule.total_steps)
+        self.run, self.metrics = run, metrics
+        self.loss = float("nan")  # the last one logged: the run's result
 
     def __call__(self, done: _StepDone) -> None:
         run, output = self.run, done.output
@@ -305,37 +307,41 @@ class _LogMetrics(_AfterStep):
             record.update({f"level_loss/{level}": value.item() for level, value in output.level_losses.items()})
         if output.dense_loss is not None:
             record["dense_loss"] = output.dense_loss.item()
-        run.metrics.log(record)
+        self.metrics.log(record)
 
 
 class _CheckDivergence(_AfterStep):
     """Before anything is logged or saved: no process saw a non-finite loss, and before a save, no weight is."""
 
-    def __init__(self, run: _Run):
-        super().__init__(run, run.args.logging_steps)
-        self.checkpoint = _SaveCheckpoint(run)
+    def __init__(self, guard: DivergenceGuard, model: torch.nn.Module, checkpoint: _SaveCheckpoint, every: int,
+                 last_step: int):
+        super().__init__(every, last_step)
+        self.guard, self.model = guard, model
+        self.checkpoint = checkpoint  # the loop's own: its steps are the ones that save
 
     def due(self, step: int) -> bool:
         return super().due(step) or self._saving(step)
 
     def _saving(self, step: int) -> bool:
-        return self.checkpoint.due(step) or step == self.run.schedule.total_steps
+        """A checkpoint, or at the last step the model, is saved after this step."""
+        return self.checkpoint.due(step) or step == self.last_step
 
     def __call__(self, done: _StepDone) -> None:
-        model = self.run.model
-        self.run.guard.check(done.step, [*model.parameters(), *model.buffers()] if self._saving(done.step) else None)
+        tensors = [*self.model.parameters(), *self.model.buffers()] if self._saving(done.step) else None
+        self.guard.check(done.step, tensors)
 
 
 class _MeasureVariance(_AfterStep):
     """The source/target variance (Wang et al. 2022) every `variance_steps`, off the training clock."""
 
-    def __init__(self, run: _Run, monitor: VarianceMonitor):
-        super().__init__(run, run.args.variance_steps)
-        self.monitor = monitor
+    def __init__(self, monitor: VarianceMonitor, model: SiameseForPreTraining, metrics: MetricsLogger, every: int,
+                 last_step: int):
+        super().__init__(every, last_step)
+        self.monitor, self.model, self.metrics = monitor, model, metrics
 
     def __call__(self, done: _StepDone) -> None:
-        with self.run.metrics.paused():
-            self.run.metrics.log({"step": done.step, **self.monitor.measure(self.run.unwrapped).as_dict()})
+        with self.metrics.paused():
+            self.metrics.log({"step": done.step, **self.monitor.measure(self.model).as_dict()})
 
 
 class _MeasureOnlineKNN(_AfterStep):
@@ -343,30 +349,40 @@ class _MeasureOnlineKNN(_AfterStep):
 
     at_end = True
 
-    def __init__(self, run: _Run, knn: OnlineKNN | None):
-        super().__init__(run, run.args.eval_steps)
+    def __init__(self, knn: OnlineKNN | None, model: SiameseForPreTraining, metrics: MetricsLogger,
+                 accelerator: Accelerator, every: int, last_step: int):
+        super().__init__(every, last_step)
         self.knn = knn  # None on the other processes, which wait
+        self.model, self.metrics, self.accelerator = model, metrics, accelerator
 
     def __call__(self, done: _StepDone) -> None:
-        with self.run.metrics.paused():
+        with self.metrics.paused():
             if self.knn is not None:
-                self.run.metrics.log({"step": done.step, "knn_top1": self.knn.measure(self.run.unwrapped.siamese)})
-            self.run.accelerator.wait_for_everyone()
+                self.metrics.log({"step": done.step, "knn_top1": self.knn.measure(self.model.siamese)})
+            self.accelerator.wait_for_everyone()
 
 
-def _observers(run: _Run) -> list[_AfterStep]:
-    """The measurements asked for: the variance monitor and the online kNN."""
-    args, observers = run.args, []
+def _variance_monitor(run: _Run) -> VarianceMonitor | None:
+    """The variance monitor on its fixed probe images, when `variance_steps` asks for it."""
+    if not run.args.variance_steps:
+        return None
+    images = probe_images(run.raw, run.args.variance_probe_size, run.config.num_channels, run.data_args.image_column)
+    return VarianceMonitor.from_view_transform(images, run.transform)
+
+
+def _measurements(run: _Run, metrics: MetricsLogger, variance: VarianceMonitor | None,
+                  knn: OnlineKNN | None) -> list[_AfterStep]:
+    """The measurements asked for, as after-step actions logging to ``metrics``."""
+    args, last_step, measurements = run.args, run.schedule.total_steps, []
     if args.variance_steps:
-        images = probe_images(run.raw, args.variance_probe_size, run.config.num_channels,
-                              run.data_args.image_column)
-        observers.append(_MeasureVariance(run, VarianceMonitor.from_view_transform(images, run.transform)))
-    if args.eval_steps:
-        observers.append(_MeasureOnlineKNN(run, _online_knn(args, run.data_args, run.accelerator)))
-    return observers
+        measurements.append(_MeasureVariance(variance, run.unwrapped, metrics, args.variance_steps, last_step))
+    if args.eval_steps:  # on every process: the others wait for the main one's measurement
+        measurements.append(_MeasureOnlineKNN(knn, run.unwrapped, metrics, run.accelerator, args.eval_steps,
+                                              last_step))
+    return measurements
 
 
-def _finish(run: _Run, step: int, loss: float, resumed_from: str | None) -> TrainResult:
+def _finish(run: _Run, step: int, loss: float, metrics: MetricsLogger, resumed_from: str | None) -> TrainResult:
     """Save the model with its processor, run record and card (and timm export); push it if asked."""
     accelerator, args, output_dir = run.accelerator, run.args, run.output_dir
     total_skipped = sum_over_processes(accelerator, run.data.skipped_images)
@@ -375,7 +391,7 @@ def _finish(run: _Run, step: int, loss: float, resumed_from: str | None) -> Trai
     if accelerator.is_main_process:
         run.unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         save_image_processor(run.config, output_dir)
-        record = _training_run(run, step, total_skipped, resumed_from)
+        record = _training_run(run, step, total_skipped, metrics.elapsed, resumed_from)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             record["deepspeed"] = deepspeed_settings(run.model)
         (output_dir / TRAINING_RUN).write_text(json.dumps(record, indent=2))
@@ -389,7 +405,7 @@ def _finish(run: _Run, step: int, loss: float, resumed_from: str | None) -> Trai
     if args.push_to_hub and accelerator.is_main_process:
         push_model(output_dir, _hub_model_id(args, output_dir), step=step, token=args.hub_token,
                    private=args.hub_private)
-    return TrainResult(str(output_dir), step, loss, total_skipped, run.metrics.elapsed)
+    return TrainResult(str(output_dir), step, loss, total_skipped, metrics.elapsed)
 
 
 def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
@@ -440,7 +456,8 @@ def _run_settings(schedule: _Schedule) -> dict:
             "global_batch": schedule.global_batch}
 
 
-def _training_run(run: _Run, steps: int, skipped_images: int, resumed_from: str | None) -> dict:
+def _training_run(run: _Run, steps: int, skipped_images: int, train_seconds: float,
+                  resumed_from: str | None) -> dict:
     """What the run did and read, for the model card: written once, at the end, by the main process."""
     args, accelerator, schedule = run.args, run.accelerator, run.schedule
     if torch.cuda.is_available():
@@ -456,7 +473,7 @@ def _training_run(run: _Run, steps: int, skipped_images: int, resumed_from: str 
         "weight_decay": args.weight_decay, "lr_scheduler_type": args.lr_scheduler_type,
         "warmup_steps": schedule.warmup_steps,
         "mixed_precision": accelerator.mixed_precision, "seed": args.seed, "hardware": hardware,
-        "train_seconds": run.metrics.elapsed, "data": run.source, "model_name_or_path": args.model_name_or_path,
+        "train_seconds": train_seconds, "data": run.source, "model_name_or_path": args.model_name_or_path,
         "resumed_from": resumed_from, "skipped_images": skipped_images, "hub_model_id": args.hub_model_id,
     }
 

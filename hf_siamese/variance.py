@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .view_layout import SOURCE_PIXEL_VALUES, TARGET_PIXEL_VALUES
+
 
 def view_variance(embeddings: torch.Tensor) -> torch.Tensor:
     """Mean over images of the unbiased variance of ``K`` unit embeddings per image.
@@ -50,10 +52,10 @@ class VarianceMonitor:
     """Measures ``V_source``, ``V_target`` and ``rho`` of a [`SiameseForPreTraining`] on a fixed probe set.
 
     The encodings are the ones the design trains on: each probe image goes ``num_draws`` times through the
-    training view transform (image -> ``{"source": [...], "target": [...]}``); every source view is one source
-    encoding (ScaleMix's mixed views and MultiCrop's local crops included) and every group of ``target_group``
-    target views one target encoding (MeanEnc: the normalised mean of the group's projections). Without a
-    ``"target"`` list the targets are the first ``num_global`` source views, one encoding each, as the model takes
+    training view transform (image -> its ``source_pixel_values`` and ``target_pixel_values``); every source view
+    is one source encoding (ScaleMix's mixed views and MultiCrop's local crops included) and every group of
+    ``target_group`` target views one target encoding (MeanEnc: the normalised mean of the group's projections). Without
+    target views the targets are the first ``num_global`` source views, one encoding each, as the model takes
     them. Views go through the branch's encoder and projector in training mode, as in training, and BatchNorm
     statistics are restored afterwards so that measuring does not change the model.
     """
@@ -70,15 +72,17 @@ class VarianceMonitor:
     @classmethod
     def from_view_transform(cls, images: list, view_transform, num_draws: int = 4) -> "VarianceMonitor":
         """For a :class:`~hf_siamese.views.MultiViewTransform`: its global views and MeanEnc group size."""
-        return cls(images, view_transform, num_global=view_transform.num_target_groups,
-                   target_group=view_transform.mean_encoding_views, num_draws=num_draws)
+        layout = view_transform.layout
+        return cls(images, view_transform, num_global=layout.num_groups, target_group=layout.target_views_per_group,
+                   num_draws=num_draws)
 
     @torch.no_grad()
     def measure(self, model) -> VarianceReport:
         draws = [self._views() for _ in range(self.num_draws)]
-        source = self._encodings(*model.source_branch(), [draw["source"] for draw in draws], group=1)
-        shared = "target" not in draws[0]  # the targets are the global source views, one encoding each
-        targets = [draw["source"][: self.num_global] if shared else draw["target"] for draw in draws]
+        source = self._encodings(*model.source_branch(), [draw[SOURCE_PIXEL_VALUES] for draw in draws], group=1)
+        shared = TARGET_PIXEL_VALUES not in draws[0]  # the targets are the global source views, one encoding each
+        targets = [draw[SOURCE_PIXEL_VALUES][: self.num_global] if shared else draw[TARGET_PIXEL_VALUES]
+                   for draw in draws]
         target = self._encodings(*model.target_branch(), targets, group=1 if shared else self.target_group)
         return VarianceReport(source=float(view_variance(source)), target=float(view_variance(target)))
 
@@ -86,7 +90,7 @@ class VarianceMonitor:
         """One draw of the training views of every probe image, stacked per view position: ``[N, C, H, W]``."""
         samples = [self.view_transform(image) for image in self.images]
         return {key: [torch.stack(position) for position in zip(*(sample[key] for sample in samples))]
-                for key in ("source", "target") if key in samples[0]}
+                for key in (SOURCE_PIXEL_VALUES, TARGET_PIXEL_VALUES) if key in samples[0]}
 
     def _encodings(self, encoder: nn.Module, projector: nn.Module, draws: list[list[torch.Tensor]],
                    group: int) -> torch.Tensor:

@@ -8,16 +8,11 @@ of Wang et al. (CVPR 2022) change which views the two branches see:
 * AsymAug: the source recipe gains RandAugment; the target sees crop + flip + normalise only.
 * MeanEnc: n target views per direction, averaged by the model.
 
-The view layout is the model's: ``source = [global_1, (global_2), local_1, ...]``,
-``target = [group_1 views..., (group_2 views...)]``. For a symmetric framework without asymmetric augmentation,
-the global views are both branches' (as in BYOL and SimSiam, where each view passes through both branches): there is
-then no target list, and the model takes each global source view as its own target group (SimSiam reuses the
-source projection).
+Which views are drawn, and under which of the model's argument names, is :class:`~hf_siamese.view_layout.ViewLayout`'s.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,46 +20,13 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import RandomResizedCrop, v2
 
+from .recipes import RECIPE_CROP_MIN, RECIPES, RecipeView
+from .view_layout import SOURCE_GEOMETRY, SOURCE_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PIXEL_VALUES, ViewLayout
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RAND_AUGMENT = "rand-m10-n2-mstd0.5"  # Asym-Siam's AsymAug source policy
 EVAL_CROP_PCT = 0.875  # the ImageNet evaluation view: short side to size / 0.875 (256 for 224), centre crop
-
-
-@dataclass(frozen=True)
-class RecipeView:
-    """One view's photometric settings; crop scale and size are chosen by the layout."""
-
-    color_jitter: tuple[float, float, float, float]
-    blur_probability: float
-    solarize_probability: float
-    grayscale_probability: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-
-# MoCo v2 (Chen et al. 2020, "aug+"): jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5, flip.
-# SimSiam uses the same recipe (Chen & He 2021, Sec. 4). Crop scale (0.2, 1).
-_MOCOV2 = RecipeView(color_jitter=(0.4, 0.4, 0.4, 0.1), blur_probability=0.5, solarize_probability=0.0)
-# BYOL (Grill et al. 2020, Table 6), also MoCo v3: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2,
-# blur p=1.0 / 0.1 and solarize p=0 / 0.2 on view 1 / view 2. Crop scale (0.08, 1).
-_BYOL_1 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=1.0, solarize_probability=0.0)
-_BYOL_2 = RecipeView(color_jitter=(0.4, 0.4, 0.2, 0.1), blur_probability=0.1, solarize_probability=0.2)
-
-# Small grayscale images (Fashion-MNIST, MNIST: 28 px, one channel), BYOL's asymmetric layout cut down to what
-# acts on one channel: brightness and contrast only (saturation, hue and grayscale do nothing to an L image), a
-# 3 px blur of sigma 0.1-1 px (BYOL's ~10%-of-the-image kernel at 28 px) and solarize on the second view only.
-# Crop scale (0.2, 1) as in SimSiam's CIFAR experiments (Chen & He 2021, Sec. A): smaller crops of a centred
-# 28 px garment show too little of it; on the validation split 0.2 beat 0.08 by 1.3 points and was level with 0.5
-# (docs/benchmarks.md). Blur and solarize probabilities: BYOL's, but MoCo v2's p=0.5 blur on view 1; not tuned.
-_SMALL_GRAY_1 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.5, solarize_probability=0.0,
-                           grayscale_probability=0.0, blur_sigma=(0.1, 1.0))
-_SMALL_GRAY_2 = RecipeView(color_jitter=(0.4, 0.4, 0.0, 0.0), blur_probability=0.1, solarize_probability=0.2,
-                           grayscale_probability=0.0, blur_sigma=(0.1, 1.0))
-
-RECIPES: dict[str, tuple[RecipeView, RecipeView]] = {
-    "mocov2": (_MOCOV2, _MOCOV2), "byol": (_BYOL_1, _BYOL_2), "small_gray": (_SMALL_GRAY_1, _SMALL_GRAY_2),
-}
-RECIPE_CROP_MIN = {"mocov2": 0.2, "byol": 0.08, "small_gray": 0.2}
 
 
 def scale_mix(
@@ -129,57 +91,49 @@ class ViewRecipe:
 
 
 class MultiViewTransform:
-    """One image -> ``{"source": [Tensor, ...], "target": [Tensor, ...]}`` in the model's view layout.
+    """One image -> its views, keyed by the model's argument names (``source_pixel_values``, and
+    ``target_pixel_values`` / ``source_geometry`` / ``target_geometry`` where the layout has them).
 
-    Build it from a config with :meth:`from_config`; the arguments mirror the config fields.
+    Build it from a config with :meth:`from_config`; which views are drawn is the :class:`ViewLayout`'s.
     """
 
     def __init__(
         self,
+        layout: ViewLayout,
         *,
-        image_size: int,
         num_channels: int = 3,
         recipe: str = "mocov2",
         crop_min_scale: float | None = None,
-        symmetric: bool = True,
         image_mean: tuple[float, ...] | None = None,
         image_std: tuple[float, ...] | None = None,
-        multicrop_num_local: int = 0,
-        multicrop_local_size: int = 96,
-        multicrop_local_scale: tuple[float, float] = (0.05, 0.14),
-        multicrop_global_scale: tuple[float, float] = (0.14, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.14),
+        global_scale: tuple[float, float] = (0.14, 1.0),
         scalemix_probability: float = 0.0,
         asym_aug: bool = False,
-        mean_encoding_views: int = 1,
-        return_geometry: bool = False,
     ):
         if recipe not in RECIPES:
             raise ValueError(f"`augmentation` must be one of {sorted(RECIPES)}, got {recipe!r}.")
-        if multicrop_num_local and crop_min_scale is not None:
+        if layout.num_local and crop_min_scale is not None:
             raise ValueError(f"`crop_min_scale` ({crop_min_scale}) does not apply with MultiCrop, whose global crops use "
-                             f"`multicrop_global_scale` ({list(multicrop_global_scale)}); set that instead.")
-        self.num_channels = num_channels
-        self.symmetric = symmetric
-        self.num_local = multicrop_num_local
-        self.scalemix_probability = scalemix_probability
-        self.asym_aug = asym_aug
-        self.mean_encoding_views = mean_encoding_views
-        self.return_geometry = return_geometry
+                             f"`multicrop_global_scale` ({list(global_scale)}); set that instead.")
+        self.layout = layout
+        self.scalemix_probability = scalemix_probability if layout.scalemix else 0.0
         self.mode = image_mode(num_channels)
         mean, std = channel_stats(num_channels, image_mean, image_std)
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
-        global_scale = tuple(multicrop_global_scale) if multicrop_num_local else (crop_min, 1.0)
+        global_scale = tuple(global_scale) if layout.num_local else (crop_min, 1.0)
         first, second = RECIPES[recipe]
         rand_augment = _rand_augment(mean) if asym_aug else None
 
         def source(view: RecipeView, size: int, scale) -> ViewRecipe:
             return ViewRecipe(size, scale, _photometric(view, size, mean, std, num_channels, rand_augment))
 
-        self.global_source = [source(first, image_size, global_scale), source(second, image_size, global_scale)]
-        self.local_source = source(first, multicrop_local_size, tuple(multicrop_local_scale))
+        self.global_source = [source(first, layout.image_size, global_scale),
+                              source(second, layout.image_size, global_scale)]
+        self.local_source = source(first, layout.local_size, tuple(local_scale))
         if asym_aug:
             # AsymAug's weak target: crop (0.08, 1) + flip + normalise only.
-            weak = ViewRecipe(image_size, (0.08, 1.0), v2.Compose(_to_normalised_tensor(mean, std)))
+            weak = ViewRecipe(layout.image_size, (0.08, 1.0), v2.Compose(_to_normalised_tensor(mean, std)))
             self.global_target = [weak, weak]
         else:
             self.global_target = self.global_source
@@ -187,57 +141,39 @@ class MultiViewTransform:
     @classmethod
     def from_config(cls, config) -> "MultiViewTransform":
         return cls(
-            image_size=config.image_size,
+            ViewLayout.from_config(config),
             num_channels=config.num_channels,
             recipe=config.augmentation,
             crop_min_scale=config.crop_min_scale,
-            symmetric=config.symmetric_loss,
             image_mean=config.image_mean,
             image_std=config.image_std,
-            multicrop_num_local=config.multicrop_num_local if config.multicrop else 0,
-            multicrop_local_size=config.multicrop_local_size,
-            multicrop_local_scale=config.multicrop_local_scale,
-            multicrop_global_scale=config.multicrop_global_scale,
-            scalemix_probability=config.scalemix_probability if config.scalemix else 0.0,
+            local_scale=config.multicrop_local_scale,
+            global_scale=config.multicrop_global_scale,
+            scalemix_probability=config.scalemix_probability,
             asym_aug=config.asym_aug,
-            mean_encoding_views=config.mean_encoding_views if config.mean_encoding else 1,
-            return_geometry=config.ladder_dense_weight > 0,
         )
 
-    @property
-    def num_target_groups(self) -> int:
-        """Global source views per image, one per loss direction: the config's ``num_target_groups``."""
-        return 2 if self.symmetric else 1
-
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        image = self._as_pil(image)
-        num_directions = self.num_target_groups
-        # Which recipe each branch uses per direction: symmetric -> view d in both branches; one direction ->
-        # source takes recipe 1, target recipe 2 (two independent views, as MoCo's query and key).
-        source_recipes = list(range(num_directions))
-        target_recipes = list(range(num_directions)) if self.symmetric else [1]
-        same_views = self.symmetric and not self.asym_aug and self.mean_encoding_views == 1
-
-        global_views = [self.global_source[r].with_geometry(image) for r in source_recipes]
-        if same_views:
-            # No target list: the model takes the source's global views. ScaleMix mixes only the source's.
-            target = list(global_views) if self.scalemix_probability else []
+        image, layout = self._as_pil(image), self.layout
+        global_views = [self.global_source[recipe].with_geometry(image) for recipe in layout.source_recipes()]
+        if layout.shares_global_views:
+            target = list(global_views) if layout.draws_target_views else []  # ScaleMix mixes only the source's
         else:
-            target = [
-                self.global_target[r].with_geometry(image)
-                for r in target_recipes
-                for _ in range(self.mean_encoding_views)
-            ]
-        source = [(self._maybe_scale_mix(view, self.global_source[r], image), geometry)
-                  for (view, geometry), r in zip(global_views, source_recipes)]
-        source += [self.local_source.with_geometry(image) for _ in range(self.num_local)]
-        views = {"source": [view for view, _ in source]}
-        if target:
-            views["target"] = [view for view, _ in target]
-        if self.return_geometry:
-            views["source_geometry"] = [geometry for _, geometry in source]
-            if target:
-                views["target_geometry"] = [geometry for _, geometry in target]
+            target = [self.global_target[recipe].with_geometry(image) for recipe in layout.target_recipes()]
+        source = [(self._maybe_scale_mix(view, self.global_source[recipe], image), geometry)
+                  for (view, geometry), recipe in zip(global_views, layout.source_recipes())]
+        source += [self.local_source.with_geometry(image) for _ in range(layout.num_local)]
+        return self._named(source, target)
+
+    def _named(self, source: list[tuple], target: list[tuple]) -> dict[str, list[torch.Tensor]]:
+        """The views (and their crop geometry, with the dense term) under the model's argument names."""
+        branches = [(SOURCE_PIXEL_VALUES, SOURCE_GEOMETRY, source), (TARGET_PIXEL_VALUES, TARGET_GEOMETRY, target)]
+        views = {}
+        for pixels_name, geometry_name, drawn in branches:
+            if drawn:
+                views[pixels_name] = [view for view, _ in drawn]
+                if self.layout.geometry:
+                    views[geometry_name] = [geometry for _, geometry in drawn]
         return views
 
     def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
@@ -252,17 +188,13 @@ class MultiViewTransform:
 
 
 def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
-    """Stack each view position into a batch: ``{"source_pixel_values": [...], "target_pixel_values": [...]}``
-    (no target views when the global source views are both branches'; ``source_geometry``/``target_geometry``
-    when the views carry their crop geometry).
+    """Stack each view position of each argument into a batch, under the same names.
 
     Stacking goes through ``default_collate``, which in a DataLoader worker stacks straight into shared memory
     instead of copying the batch there afterwards.
     """
-    names = {"source": "source_pixel_values", "target": "target_pixel_values",
-             "source_geometry": "source_geometry", "target_geometry": "target_geometry"}
-    return {name: [default_collate([sample[key][i] for sample in samples]) for i in range(len(samples[0][key]))]
-            for key, name in names.items() if key in samples[0]}
+    return {name: [default_collate([sample[name][i] for sample in samples]) for i in range(len(views))]
+            for name, views in samples[0].items()}
 
 
 def channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -7,6 +7,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hf_siamese import SiameseConfig  # noqa: E402
+from hf_siamese.view_layout import ViewLayout  # noqa: E402
 
 TINY_HEADS = {"projector_hidden_dim": 64, "projector_dim": 32}
 TINY_VIT = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}
@@ -62,14 +63,14 @@ def design_views(config: SiameseConfig, batch_size: int = 8, seed: int = 0):
     def view(side: int) -> torch.Tensor:
         return torch.randn(batch_size, config.num_channels, side, side, generator=generator)
 
-    groups = config.num_target_groups
-    globals_ = [view(config.image_size) for _ in range(groups)]
-    locals_ = [view(config.multicrop_local_size) for _ in range(config.multicrop_num_local)] if config.multicrop else []
-    firsts = globals_ if config.symmetric_loss else [view(config.image_size)]
-    views_per_group = config.mean_encoding_views if config.mean_encoding else 1
-    if config.symmetric_loss and views_per_group == 1:
+    layout = ViewLayout.from_config(config)
+    globals_ = [view(layout.image_size) for _ in range(layout.num_groups)]
+    locals_ = [view(layout.local_size) for _ in range(layout.num_local)]
+    firsts = globals_ if layout.num_groups > 1 else [view(layout.image_size)]
+    if layout.shares_global_views:
         return [*globals_, *locals_], None
-    target = [v for first in firsts for v in [first, *(view(config.image_size) for _ in range(views_per_group - 1))]]
+    extra = layout.target_views_per_group - 1
+    target = [v for first in firsts for v in [first, *(view(layout.image_size) for _ in range(extra))]]
     return [*globals_, *locals_], target
 
 

@@ -12,7 +12,8 @@ from conftest import global_views, tiny_config  # noqa: E402
 
 from hf_siamese.optim import build_optimizer  # noqa: E402
 from hf_siamese.accelerator import build_model, make_accelerator, prepare  # noqa: E402
-from hf_siamese.training import PretrainingArguments, training_step  # noqa: E402
+from hf_siamese.training import training_step  # noqa: E402
+from hf_siamese.training_args import PretrainingArguments  # noqa: E402
 
 MOMENTUM = 0.996
 

@@ -16,7 +16,8 @@ from hf_siamese.data import PretrainingData  # noqa: E402
 from hf_siamese.distributed import batch_shuffled, gather_without_grad  # noqa: E402
 from hf_siamese.optim import build_optimizer  # noqa: E402
 from hf_siamese.accelerator import build_model, make_accelerator  # noqa: E402
-from hf_siamese.training import PretrainingArguments, training_step  # noqa: E402
+from hf_siamese.training import training_step  # noqa: E402
+from hf_siamese.training_args import PretrainingArguments  # noqa: E402
 from hf_siamese.views import MultiViewTransform  # noqa: E402
 
 

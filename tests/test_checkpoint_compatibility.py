@@ -36,8 +36,9 @@ def renamed(key: str) -> str:
 @pytest.mark.parametrize("case", CASES)
 def test_an_old_layout_checkpoint_computes_the_same_loss_and_gradients(case):
     expected = json.loads((FIXTURES / "expected.json").read_text())[case]
-    model = SiameseForPreTraining.from_pretrained(FIXTURES / case).train()
-    assert model.loaded_legacy_layout
+    model, loading = SiameseForPreTraining.from_pretrained(FIXTURES / case, output_loading_info=True)
+    model.train()
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # every weight found under its old name
     output = model(**fixture_inputs())
     output.loss.backward()
     assert output.loss.item() == pytest.approx(expected["loss"], rel=1e-6)
@@ -68,6 +69,8 @@ def test_an_old_layout_state_dict_loads_strictly_with_every_queue_in_place():
     model = SiameseForPreTraining(SiameseConfig.from_pretrained(FIXTURES / "moco_ladder_dense"))
     model.load_state_dict(old)
     assert model.loaded_legacy_layout
+    model.load_state_dict(model.state_dict())
+    assert not model.loaded_legacy_layout  # a later load of today's layout (a resume) is not an older checkpoint
     assert torch.equal(model.heads["2"].queue, old["queue_level2"]) and int(model.heads["2"].queue_ptr) == 8
     assert torch.equal(model.heads["4"].queue, old["queue"]) and int(model.heads["4"].queue_ptr) == 4
     assert torch.equal(model.heads["2"].target_dense_projector[0].weight, old["target_dense_projectors.2.0.weight"])

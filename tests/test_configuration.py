@@ -1,16 +1,85 @@
+import ast
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoConfig
 
-from hf_siamese import FRAMEWORK_DEFAULTS, SiameseConfig
+from hf_siamese import FRAMEWORK_DEFAULTS, FRAMEWORKS, SiameseConfig, frameworks
+from hf_siamese.frameworks import get_framework
+
+# The papers' ResNet-50 recipes, written out so that a change to the framework table shows here.
+PAPERS_DEFAULTS = {
+    "moco": {
+        "projector_num_layers": 3, "projector_hidden_dim": 2048, "projector_dim": 128, "predictor_num_layers": 0,
+        "predictor_hidden_dim": None, "queue_size": 65536, "temperature": 0.2, "momentum": 0.999,
+        "momentum_final": 0.999, "symmetric_loss": False, "augmentation": "mocov2", "shuffle_bn": True,
+    },
+    "mocov3": {
+        "projector_num_layers": 2, "projector_hidden_dim": 4096, "projector_dim": 256, "predictor_num_layers": 2,
+        "predictor_hidden_dim": 4096, "queue_size": 0, "temperature": 1.0, "momentum": 0.99,
+        "momentum_final": 1.0, "symmetric_loss": True, "augmentation": "byol", "shuffle_bn": False,
+    },
+    "byol": {
+        "projector_num_layers": 2, "projector_hidden_dim": 4096, "projector_dim": 256, "predictor_num_layers": 2,
+        "predictor_hidden_dim": 4096, "queue_size": 0, "temperature": None, "momentum": 0.996,
+        "momentum_final": 1.0, "symmetric_loss": True, "augmentation": "byol", "shuffle_bn": False,
+    },
+    "simsiam": {
+        "projector_num_layers": 3, "projector_hidden_dim": 2048, "projector_dim": 2048, "predictor_num_layers": 2,
+        "predictor_hidden_dim": 512, "queue_size": 0, "temperature": None, "momentum": None,
+        "momentum_final": None, "symmetric_loss": True, "augmentation": "mocov2", "shuffle_bn": False,
+    },
+}
 
 
-@pytest.mark.parametrize("framework", list(FRAMEWORK_DEFAULTS))
-def test_framework_defaults_fill_unset_fields(framework):
+def test_the_table_holds_the_four_frameworks_in_order():
+    assert list(FRAMEWORKS) == ["moco", "mocov3", "byol", "simsiam"]
+    assert all(FRAMEWORKS[name].name == name for name in FRAMEWORKS)
+
+
+@pytest.mark.parametrize("framework", list(PAPERS_DEFAULTS))
+def test_framework_defaults_are_the_papers_and_fill_unset_fields(framework):
+    assert dict(get_framework(framework).defaults) == PAPERS_DEFAULTS[framework]
+    assert dict(FRAMEWORK_DEFAULTS[framework]) == PAPERS_DEFAULTS[framework]  # the former name still reads them
     config = SiameseConfig(framework=framework)
-    for name, value in FRAMEWORK_DEFAULTS[framework].items():
+    for name, value in PAPERS_DEFAULTS[framework].items():
         assert getattr(config, name) == value, name
+
+
+def test_framework_defaults_are_read_only():
+    with pytest.raises(TypeError):
+        get_framework("byol").defaults["momentum"] = 0.5
+    assert SiameseConfig(framework="byol").momentum == 0.996
+
+
+@pytest.mark.parametrize("name", ["simclr", "MoCo", "", None])
+def test_unknown_framework_names_the_field_and_the_allowed_names(name):
+    with pytest.raises(ValueError, match=r"`framework` must be one of \('moco', 'mocov3', 'byol', 'simsiam'\)"):
+        get_framework(name)
+
+
+@pytest.mark.parametrize(
+    "field, value, framework, users",
+    [
+        ("queue_size", 4096, "mocov3", "moco"),
+        ("temperature", 0.5, "simsiam", "moco, mocov3"),
+        ("momentum", 0.5, "simsiam", "moco, mocov3, byol"),
+        ("momentum_final", 0.5, "simsiam", "moco, mocov3, byol"),
+    ],
+)
+def test_framework_only_field_names_the_frameworks_that_use_it(field, value, framework, users):
+    with pytest.raises(ValueError, match=rf"`{field}` does not apply to framework '{framework}' \(only to {users}\)"):
+        SiameseConfig(framework=framework, **{field: value})
+
+
+def test_framework_table_imports_only_the_standard_library():
+    """It is read by the torch-free config and copied next to checkpoints for trust_remote_code."""
+    tree = ast.parse(Path(frameworks.__file__).read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level]
+    assert imported and all(name.split(".")[0] in sys.stdlib_module_names for name in imported), imported
 
 
 def test_papers_numbers_for_each_framework():

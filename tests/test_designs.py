@@ -231,9 +231,9 @@ class _RecordingViews:
         def view(size):
             return torch.randn(4, size, size, generator=self.generator)
 
-        views = {"source": [view(8), view(8), view(4)]}  # two global views and a local crop
+        views = {"source_pixel_values": [view(8), view(8), view(4)]}  # two global views and a local crop
         if self.with_target:
-            views["target"] = [view(8), view(8)]  # one MeanEnc group of two
+            views["target_pixel_values"] = [view(8), view(8)]  # one MeanEnc group of two
         self.calls.append(views)
         return views
 
@@ -249,12 +249,12 @@ def test_variance_monitor_measures_every_source_view_and_each_target_group(with_
     monitor = VarianceMonitor(images, transform, num_global=2, target_group=2, num_draws=draws)
     report = monitor.measure(_Branches())
     calls = [transform.calls[d * len(images):(d + 1) * len(images)] for d in range(draws)]
-    source = [_pooled_unit([c["source"][p] for c in draw]) for draw in calls for p in range(3)]
+    source = [_pooled_unit([c["source_pixel_values"][p] for c in draw]) for draw in calls for p in range(3)]
     if with_target:  # the normalised mean of the group's projections
-        target = [F.normalize(sum(torch.stack([c["target"][p] for c in draw]).mean(dim=(2, 3)) for p in range(2)),
-                              dim=-1) for draw in calls]
+        target = [F.normalize(sum(torch.stack([c["target_pixel_values"][p] for c in draw]).mean(dim=(2, 3))
+                                  for p in range(2)), dim=-1) for draw in calls]
     else:  # the global source views, one encoding each (the local crop is not a target)
-        target = [_pooled_unit([c["source"][p] for c in draw]) for draw in calls for p in range(2)]
+        target = [_pooled_unit([c["source_pixel_values"][p] for c in draw]) for draw in calls for p in range(2)]
     assert report.source == pytest.approx(float(view_variance(torch.stack(source))), rel=1e-5)
     assert report.target == pytest.approx(float(view_variance(torch.stack(target))), rel=1e-5)
 

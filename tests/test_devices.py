@@ -106,7 +106,7 @@ def test_infonce_equals_cross_entropy_without_nll_loss(loss, monkeypatch):
 
 def test_deterministic_runs_set_the_cublas_workspace_before_cuda_starts(monkeypatch, tmp_path):
     from hf_siamese.accelerator import make_accelerator
-    from hf_siamese.training import PretrainingArguments
+    from hf_siamese.training_args import PretrainingArguments
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     make_accelerator(PretrainingArguments(report_to="none"), tmp_path)
@@ -119,7 +119,7 @@ def test_deterministic_runs_set_the_cublas_workspace_before_cuda_starts(monkeypa
 def test_bf16_on_a_cpu_without_native_bf16_warns_that_fp32_is_faster(monkeypatch, tmp_path, caplog, native,
                                                                      precision, warns):
     from hf_siamese.accelerator import make_accelerator
-    from hf_siamese.training import PretrainingArguments
+    from hf_siamese.training_args import PretrainingArguments
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

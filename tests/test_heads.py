@@ -1,3 +1,4 @@
+import pytest
 from torch import nn
 
 from hf_siamese import SiameseConfig
@@ -48,3 +49,21 @@ def test_simsiam_heads():
 def test_projector_input_width_follows_the_backbone():
     config = SiameseConfig(framework="byol", backbone="resnet18")
     assert build_projector(config, 512)[0].in_features == 512
+
+
+# Captured from the heads before the framework table existed: projector 16 -> 8 -> (8 ->) 4, predictor 4 -> 6 -> 4.
+HEADS_BEFORE_THE_TABLE = {
+    "moco": (["L16,8", "BN", "R", "L8,8+b", "R", "L8,4+b"], ["L4,6", "BN", "R", "L6,4+b"]),
+    "mocov3": (["L16,8", "BN", "R", "L8,4", "BN-"], ["L4,6", "BN", "R", "L6,4"]),
+    "byol": (["L16,8", "BN", "R", "L8,4+b"], ["L4,6", "BN", "R", "L6,4+b"]),
+    "simsiam": (["L16,8", "BN", "R", "L8,8", "BN", "R", "L8,4", "BN-"], ["L4,6", "BN", "R", "L6,4+b"]),
+}
+
+
+@pytest.mark.parametrize("framework", list(HEADS_BEFORE_THE_TABLE))
+def test_each_frameworks_heads_keep_their_layout(framework):
+    config = SiameseConfig(framework=framework, backbone="resnet18", projector_hidden_dim=8, projector_dim=4,
+                           predictor_num_layers=2, predictor_hidden_dim=6)
+    projector, predictor = HEADS_BEFORE_THE_TABLE[framework]
+    assert layer_signature(build_projector(config, 16)) == projector
+    assert layer_signature(build_predictor(config)) == predictor

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_siamese.losses import BatchInfoNCELoss, NegativeCosineLoss, NormalizedMSELoss, QueueInfoNCELoss
+from hf_siamese import SiameseConfig
+from hf_siamese.frameworks import get_framework
+from hf_siamese.losses import BatchInfoNCELoss, NegativeCosineLoss, NormalizedMSELoss, QueueInfoNCELoss, build_loss
 
 
 def test_queue_infonce_matches_hand_computation():
@@ -54,7 +56,29 @@ def test_simsiam_loss_matches_hand_computation():
     assert NegativeCosineLoss()(prediction[:1], target[:1]).item() == pytest.approx(-1.0)
 
 
-def test_direction_reductions_follow_the_papers():
-    assert NegativeCosineLoss.direction_reduction == "mean"  # SimSiam Eq. 2: 0.5 (D(p1,z2) + D(p2,z1))
-    assert NormalizedMSELoss.direction_reduction == "sum"  # BYOL: L + L~
-    assert BatchInfoNCELoss.direction_reduction == "sum"  # MoCo v3 Alg. 1: ctr(q1,k2) + ctr(q2,k1)
+@pytest.mark.parametrize(
+    "framework, reduction",
+    [
+        ("moco", "sum"),  # one direction only (not symmetric): the sum keeps it as is
+        ("mocov3", "sum"),  # MoCo v3 Alg. 1: ctr(q1,k2) + ctr(q2,k1)
+        ("byol", "sum"),  # BYOL: L + L~
+        ("simsiam", "mean"),  # SimSiam Eq. 2: 0.5 (D(p1,z2) + D(p2,z1))
+    ],
+)
+def test_direction_reductions_follow_the_papers(framework, reduction):
+    assert get_framework(framework).direction_reduction == reduction
+
+
+@pytest.mark.parametrize(
+    "framework, loss_class, temperature",
+    [
+        ("moco", QueueInfoNCELoss, 0.2),
+        ("mocov3", BatchInfoNCELoss, 1.0),
+        ("byol", NormalizedMSELoss, None),
+        ("simsiam", NegativeCosineLoss, None),
+    ],
+)
+def test_build_loss_picks_each_frameworks_loss(framework, loss_class, temperature):
+    loss = build_loss(SiameseConfig(framework=framework))
+    assert type(loss) is loss_class
+    assert getattr(loss, "temperature", None) == temperature

@@ -77,6 +77,6 @@ def test_another_channel_count_on_a_recipe_drops_its_per_channel_statistics():
     demo = CONFIGS / "demo_fashion_mnist.yaml"
     config, _, _ = parse_pretraining_args(["--config", str(demo), "--num_channels", "3"])
     assert config.num_channels == 3 and config.image_mean is None and config.image_std is None  # ImageNet's
-    assert MultiViewTransform.from_config(config)(Image.new("L", (28, 28)))["source"][0].shape[0] == 3
+    assert MultiViewTransform.from_config(config)(Image.new("L", (28, 28)))["source_pixel_values"][0].shape[0] == 3
     same, _, _ = parse_pretraining_args(["--config", str(demo), "--framework", "moco", "--num_channels", "1"])
     assert same.queue_size == yaml.safe_load(demo.read_text())["queue_size"] and same.image_mean == [0.2860]

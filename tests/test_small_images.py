@@ -14,7 +14,8 @@ from hf_siamese import SiameseForPreTraining, SiameseModel
 from hf_siamese.data import seeded_randomness
 from hf_siamese.fashion_mnist import load_fashion_mnist
 from hf_siamese.timm_export import export_timm
-from hf_siamese.training import PretrainingArguments, train
+from hf_siamese.training import train
+from hf_siamese.training_args import PretrainingArguments
 from hf_siamese.views import MultiViewTransform, channel_stats, collate_views
 
 
@@ -95,9 +96,9 @@ def test_the_small_gray_recipe_views_shapes_ranges_and_seeding():
         views = transform(image)
     with seeded_randomness(1, 2, 3):
         again = transform(image)
-    assert all(torch.equal(a, b) for a, b in zip(views["source"], again["source"]))
+    assert all(torch.equal(a, b) for a, b in zip(views["source_pixel_values"], again["source_pixel_values"]))
     (mean,), (std,) = channel_stats(1, None, None)
-    for view in views["source"] + views.get("target", []):
+    for view in views["source_pixel_values"] + views.get("target_pixel_values", []):
         assert view.shape == (1, 28, 28) and view.dtype == torch.float32
         # Pixels in [0, 1], normalised: [-mean / std, (1 - mean) / std], both ends reached by the random image.
         assert view.min() >= -mean / std - 1e-5 and view.max() <= (1 - mean) / std + 1e-5

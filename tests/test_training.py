@@ -21,7 +21,8 @@ from hf_siamese import SiameseModel
 from hf_siamese.cli import parse_pretraining_args
 from hf_siamese.data import PretrainingData, load_labelled
 from hf_siamese.probing import extract_features, knn_classify
-from hf_siamese.training import completed_checkpoints, train
+from hf_siamese.checkpointing import completed_checkpoints
+from hf_siamese.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = [
@@ -283,7 +284,7 @@ def test_torch_compile_trains_and_saves_the_plain_model(parquet_files, tmp_path)
 
 
 def test_median_images_per_second_skips_the_first_interval_which_includes_start_up(tmp_path):
-    from hf_siamese.training import median_images_per_second
+    from hf_siamese.monitoring import median_images_per_second
 
     lines = [{"step": 10, "loss": 1.0, "images_per_s": 5.0}, {"step": 10, "knn_top1": 0.5},
              {"step": 20, "loss": 0.9, "images_per_s": 100.0}, {"step": 30, "loss": 0.8, "images_per_s": 120.0},

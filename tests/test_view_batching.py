@@ -30,11 +30,9 @@ NORM_CASES = {  # (per-view class, plain class, input shape, keyword arguments, 
 }
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["kernels_in_place", "concatenated"])
 @pytest.mark.parametrize("case", list(NORM_CASES))
-def test_per_view_batch_norm_equals_a_batch_norm_per_chunk(case, in_place, monkeypatch):
+def test_per_view_batch_norm_equals_a_batch_norm_per_chunk(case):
     kind, plain, shape, kwargs, dtype, memory_format = NORM_CASES[case]
-    monkeypatch.setattr(kind, "_writes_in_place", lambda self, input: in_place)
     torch.manual_seed(0)
     features = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=memory_format).requires_grad_()
     per_view, separate = kind(5, **kwargs).train(), plain(5, **kwargs).train()

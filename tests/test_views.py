@@ -13,8 +13,8 @@ IMAGE = structured_images(1)[0]
 
 def layout(config):
     views = MultiViewTransform.from_config(config)(IMAGE)
-    target = [tuple(v.shape) for v in views["target"]] if "target" in views else None
-    return [tuple(v.shape) for v in views["source"]], target, views
+    target = [tuple(v.shape) for v in views["target_pixel_values"]] if "target_pixel_values" in views else None
+    return [tuple(v.shape) for v in views["source_pixel_values"]], target, views
 
 
 G, L = (3, 32, 32), (3, 16, 16)
@@ -47,15 +47,15 @@ def test_view_layout_for_every_design_and_framework(framework, design):
 
 def test_symmetric_baseline_gives_its_global_views_to_both_branches_by_omitting_targets():
     _, _, views = layout(tiny_config("byol"))
-    assert "target" not in views and len(views["source"]) == 2
+    assert "target_pixel_values" not in views and len(views["source_pixel_values"]) == 2
     _, _, moco_views = layout(tiny_config("moco"))
-    assert len(moco_views["target"]) == 1
+    assert len(moco_views["target_pixel_values"]) == 1
 
 
 def test_scale_mix_with_probability_one_changes_every_source_view():
     torch.manual_seed(0)
     _, _, views = layout(tiny_config("byol", scalemix=True))
-    assert all(s is not t for s, t in zip(views["source"], views["target"]))
+    assert all(s is not t for s, t in zip(views["source_pixel_values"], views["target_pixel_values"]))
 
 
 def test_asym_aug_target_is_crop_and_flip_only():
@@ -112,9 +112,9 @@ def test_view_geometry_describes_the_crop():
 def test_grayscale_images_and_models():
     config = tiny_config("simsiam", num_channels=1, multicrop=True, multicrop_local_size=16, multicrop_num_local=2)
     views = MultiViewTransform.from_config(config)(structured_images(1, mode="L")[0])
-    assert [tuple(v.shape) for v in views["source"]] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+    assert [tuple(v.shape) for v in views["source_pixel_values"]] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
     rgb_input = MultiViewTransform.from_config(config)(IMAGE)  # converted to the configured channels
-    assert rgb_input["source"][0].shape[0] == 1
+    assert rgb_input["source_pixel_values"][0].shape[0] == 1
 
 
 def test_collate_stacks_positions_and_names_them_as_the_model_does():
@@ -126,7 +126,7 @@ def test_collate_stacks_positions_and_names_them_as_the_model_does():
     samples = [moco(image) for image in structured_images(4)]
     moco_batch = collate_views(samples)
     assert list(moco_batch) == ["source_pixel_values", "target_pixel_values"]
-    assert torch.equal(moco_batch["target_pixel_values"][0][2], samples[2]["target"][0])
+    assert torch.equal(moco_batch["target_pixel_values"][0][2], samples[2]["target_pixel_values"][0])
 
 
 def _collate_reporting_shared_memory(samples):
