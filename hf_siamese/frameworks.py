@@ -58,6 +58,10 @@ class Framework:
 
 
 # Widths are the papers' ResNet-50 ones; the projector's input width is always the backbone's feature width.
+# BYOL's heads (Grill et al. 2020, Sec. 3.3: 4096 hidden, 256 out, two layers each), which MoCo v3 takes over for
+# ResNet-50 (Chen, Xie, He 2021, Sec. 4).
+_BYOL_HEADS = {"projector_num_layers": 2, "projector_hidden_dim": 4096, "projector_dim": 256,
+               "predictor_num_layers": 2, "predictor_hidden_dim": 4096}
 _TABLE = (
     Framework(
         name="moco",
@@ -88,11 +92,7 @@ _TABLE = (
         name="mocov3",
         # MoCo v3 (Chen, Xie, He 2021), ResNet-50 recipe: tau 1.0, m 0.99 -> 1 on a half-cosine.
         defaults={
-            "projector_num_layers": 2,
-            "projector_hidden_dim": 4096,
-            "projector_dim": 256,
-            "predictor_num_layers": 2,
-            "predictor_hidden_dim": 4096,
+            **_BYOL_HEADS,
             "queue_size": 0,
             "temperature": 1.0,
             "momentum": 0.99,
@@ -113,11 +113,7 @@ _TABLE = (
         name="byol",
         # BYOL (Grill et al. 2020, Sec. 3.3): heads 4096 -> 256, tau_base 0.996 -> 1.
         defaults={
-            "projector_num_layers": 2,
-            "projector_hidden_dim": 4096,
-            "projector_dim": 256,
-            "predictor_num_layers": 2,
-            "predictor_hidden_dim": 4096,
+            **_BYOL_HEADS,
             "queue_size": 0,
             "temperature": None,
             "momentum": 0.996,
