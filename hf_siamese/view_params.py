@@ -1,0 +1,149 @@
+"""A view's random choices drawn explicitly on the host, and their application there.
+
+``views.ViewRecipe`` draws a view's crop, flip and photometric parameters inside torchvision's transforms; a batched
+accelerator pipeline needs them as numbers first. The draws here mirror torchvision's order and calls one for one
+(``RandomResizedCrop.get_params``, the flip, then ``RandomApply(ColorJitter)``, ``RandomGrayscale``,
+``RandomApply(GaussianBlur)``, ``RandomSolarize``), so that seeded views stay the same pixel for pixel.
+"""
+
+import dataclasses
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop, v2
+
+from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, SATURATION, PhotometricParams
+from .recipes import RecipeView
+from .views import SeparableGaussianBlur
+
+JITTER_PROBABILITY = 0.8  # every recipe's RandomApply([ColorJitter]) probability (views._photometric)
+FLIP_PROBABILITY = 0.5
+SOLARIZE_THRESHOLD = 128
+
+# ColorJitter's operations by torchvision's number: the kernel, the PhotometricParams field, its no-op value.
+_JITTER_STEPS = {
+    BRIGHTNESS: (v2.functional.adjust_brightness, "brightness", 1.0),
+    CONTRAST: (v2.functional.adjust_contrast, "contrast", 1.0),
+    SATURATION: (v2.functional.adjust_saturation, "saturation", 1.0),
+    HUE: (v2.functional.adjust_hue, "hue", 0.0),
+}
+
+
+class Crop(NamedTuple):
+    """One view's crop box and flip, with the geometry row the dense term reads."""
+
+    box: tuple[int, int, int, int]  # top, left, height, width, in pixels of the original image
+    flipped: bool
+    size: int  # the side of the square view the box is resized to
+    geometry: torch.Tensor  # [top/H, left/W, height/H, width/W, flipped], as ViewRecipe.with_geometry reports it
+
+
+def draw_crop(image_size: tuple[int, int], size: int, scale, ratio=(3 / 4, 4 / 3)) -> Crop:
+    """The crop and flip ``ViewRecipe.with_geometry`` draws for an image of ``image_size`` = (height, width).
+
+    The drawing needs only the image's dimensions; an empty tensor of that shape stands in for the image, so the
+    draws are ``RandomResizedCrop.get_params``' own (up to ten tries, then a central fallback).
+    """
+    height, width = image_size
+    top, left, crop_height, crop_width = RandomResizedCrop.get_params(torch.empty(0, height, width), scale, ratio)
+    flipped = bool(torch.rand(()) < FLIP_PROBABILITY)
+    geometry = torch.tensor([top / height, left / width, crop_height / height, crop_width / width, float(flipped)])
+    return Crop((top, left, crop_height, crop_width), flipped, size, geometry)
+
+
+def crop_pil(image: Image.Image, box, flipped: bool, size: int) -> Image.Image:
+    """The drawn crop applied as ``ViewRecipe.with_geometry`` applies it: antialiased resized crop, then the flip."""
+    view = v2.functional.resized_crop(image, *box, [size, size], antialias=True)
+    return v2.functional.horizontal_flip(view) if flipped else view
+
+
+def crop_to_uint8(image: Image.Image, box, flipped: bool, size: int) -> torch.Tensor:
+    """The cropped view as the uint8 ``[C, size, size]`` tensor that travels to the accelerator."""
+    return v2.functional.pil_to_tensor(crop_pil(image, box, flipped, size))
+
+
+def draw_photometric(view: RecipeView, num_channels: int) -> PhotometricParams:
+    """The parameters ``views._photometric(view, ...)`` (without RandAugment) draws, consuming the same draws.
+
+    The draws mirror torchvision's order so that seeded views stay the same. Every ``RandomApply`` and
+    ``_RandomApplyTransform`` spends one ``torch.rand(1)`` even at probability 0 or 1; a skipped step draws nothing
+    more; ``RandomGrayscale`` is absent (no draw) when the recipe's probability is 0. Steps not taken keep
+    ``IDENTITY``'s values.
+    """
+    params = {}
+    if _coin(JITTER_PROBABILITY):
+        params.update(jitter=1.0, **_draw_jitter(_jitter_strengths(view, num_channels)))
+    if view.grayscale_probability and _coin(view.grayscale_probability):
+        params.update(grayscale=1.0)
+    if _coin(view.blur_probability):
+        params.update(blur=1.0, blur_sigma=_uniform(*view.blur_sigma))  # GaussianBlur.make_params
+    if _coin(view.solarize_probability):
+        params.update(solarize=1.0)
+    return dataclasses.replace(IDENTITY, **params)
+
+
+def _coin(probability: float) -> bool:
+    """RandomApply's test: the step runs unless ``torch.rand(1) >= p`` (float32 against p, as torchvision compares)."""
+    return not bool(torch.rand(1) >= probability)
+
+
+def _uniform(low: float, high: float) -> float:
+    """torchvision's factor and sigma draw: one float32 ``uniform_`` on a fresh 1-element tensor."""
+    return float(torch.empty(1).uniform_(low, high).item())
+
+
+def _jitter_strengths(view: RecipeView, num_channels: int) -> tuple[float, float, float, float]:
+    """The ColorJitter arguments ``views._photometric`` passes: no saturation or hue for one-channel images."""
+    brightness, contrast, saturation, hue = view.color_jitter
+    return (brightness, contrast, 0.0, 0.0) if num_channels == 1 else (brightness, contrast, saturation, hue)
+
+
+def _draw_jitter(strengths: tuple[float, float, float, float]) -> dict:
+    """``ColorJitter.make_params``: ``randperm(4)``, then a factor per configured operation in b, c, s, h order.
+
+    An operation of strength 0 is ``None`` in ColorJitter and draws nothing; its field keeps the no-op value.
+    """
+    order = tuple(float(op) for op in torch.randperm(4).tolist())
+    factors = {}
+    for op, strength in enumerate(strengths):
+        _, name, centre = _JITTER_STEPS[op]
+        if strength:
+            low = -strength if op == HUE else max(centre - strength, 0.0)
+            factors[name] = _uniform(low, centre + strength)
+    return dict(order=order, **factors)
+
+
+def apply_photometric_pil(view: Image.Image, params: PhotometricParams, kernel_size: int) -> Image.Image:
+    """The recipe's colour and blur steps with drawn parameters, through the kernels torchvision's transforms call.
+
+    A jitter factor at its no-op value (1, or hue 0) is skipped, as ColorJitter skips an operation of strength 0;
+    PIL's enhancers copy the image at factor 1, but its hue kernel round-trips through HSV even at 0, so the one
+    mismatch is a hue drawn as exactly 0.0 from a non-zero range (about one view in 2**24).
+    """
+    if params.jitter:
+        view = _jitter_pil(view, params)
+    if params.grayscale:
+        view = v2.functional.rgb_to_grayscale(view, num_output_channels=len(view.getbands()))
+    if params.blur:
+        view = _blur(kernel_size).transform(view, {"sigma": [params.blur_sigma, params.blur_sigma]})
+    if params.solarize:
+        view = v2.functional.solarize(view, threshold=SOLARIZE_THRESHOLD)
+    return view
+
+
+def _jitter_pil(view: Image.Image, params: PhotometricParams) -> Image.Image:
+    """``ColorJitter.transform``: the four adjustments in the drawn order."""
+    for op in params.order:
+        adjust, name, no_op = _JITTER_STEPS[int(op)]
+        factor = getattr(params, name)
+        if factor != no_op:
+            view = adjust(view, factor)
+    return view
+
+
+@lru_cache(maxsize=None)
+def _blur(kernel_size: int) -> SeparableGaussianBlur:
+    """The recipes' blur for one kernel size; its sigma comes with each call, so one instance serves every view."""
+    return SeparableGaussianBlur(kernel_size)
