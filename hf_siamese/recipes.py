@@ -42,3 +42,8 @@ RECIPES: dict[str, tuple[RecipeView, RecipeView]] = {
 }
 RECIPE_CROP_MIN = {"mocov2": 0.2, "byol": 0.08, "small_gray": 0.2}
 AUGMENTATIONS = tuple(RECIPES)
+
+
+def blur_kernel_size(size: int) -> int:
+    """The blur's odd kernel for views of ``size`` px: about a tenth of the view, as BYOL's 23 px at 224."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)

@@ -25,6 +25,7 @@ from .accelerator import (
 from .checkpointing import ResumePoint, find_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
 from .configuration_siamese import SiameseConfig
 from .data import DataArguments, PretrainingData, load_labelled, load_raw_dataset, probe_images
+from .device_augment import finish_views
 from .hub import check_hub_access, push_checkpoint, push_model, save_image_processor
 from .levels import check_queue_fits
 from .model_card import TRAINING_RUN, write_model_card
@@ -129,7 +130,8 @@ def _build_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
     """The model, the data, the schedule and the optimizer, prepared by Accelerate."""
     model = build_model(config, args, accelerator)
     config = model.config
-    raw, transform = load_raw_dataset(data_args), MultiViewTransform.from_config(config)
+    raw = load_raw_dataset(data_args)
+    transform = MultiViewTransform.from_config(config, augment_on_device=args.augment_on_device)
     source = data_args.source_record(raw)
     logger.info("Pretraining on %s", describe_source(source))
     data = PretrainingData(
@@ -232,6 +234,8 @@ def _loop(run: _Run, resume: ResumePoint, metrics: MetricsLogger, guard: Diverge
     while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
         batch = views_to_device(batch, accelerator.device, run.args.channels_last)
+        if run.args.augment_on_device:
+            batch = finish_views(batch, run.config)
         output = training_step(accelerator, run.model, run.optimizer, batch, run.args.max_grad_norm)
         guard.observe(output.loss, step + 1)
         metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
@@ -367,7 +371,8 @@ def _variance_monitor(run: _Run) -> VarianceMonitor | None:
     if not run.args.variance_steps:
         return None
     images = probe_images(run.raw, run.args.variance_probe_size, run.config.num_channels, run.data_args.image_column)
-    return VarianceMonitor.from_view_transform(images, run.transform)
+    # The host's views: the monitor measures their spread, the same with the colour steps on the device.
+    return VarianceMonitor.from_view_transform(images, MultiViewTransform.from_config(run.config))
 
 
 def _measurements(run: _Run, metrics: MetricsLogger, variance: VarianceMonitor | None,

@@ -47,6 +47,12 @@ class PretrainingArguments:
         metadata={"help": "Channels-last memory format for the model and the views: faster convolutions with oneDNN "
                           "(CPU) and cuDNN (tensor-core GPUs), as timm's --channels-last."},
     )
+    augment_on_device: bool = field(
+        default=False,
+        metadata={"help": "Colour jitter, grayscale, blur, solarize and normalisation of the views in batch on the "
+                          "accelerator (the CPU without one): the DataLoader workers only decode, crop and flip to "
+                          "uint8 and draw each view's parameters. Not with ScaleMix."},
+    )
     torch_compile: bool = field(
         default=False,
         metadata={"help": "Compile the model with torch.compile (inductor) through accelerate's TorchDynamoPlugin; "

@@ -19,6 +19,9 @@ SOURCE_PIXEL_VALUES = "source_pixel_values"
 TARGET_PIXEL_VALUES = "target_pixel_values"
 SOURCE_GEOMETRY = "source_geometry"
 TARGET_GEOMETRY = "target_geometry"
+# With the colour steps on the accelerator: each view's photometric parameter row, beside its uint8 pixels.
+SOURCE_PHOTOMETRIC = "source_photometric"
+TARGET_PHOTOMETRIC = "target_photometric"
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,17 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms import v2
 
-from .recipes import RECIPE_CROP_MIN, RECIPES, RecipeView
-from .view_layout import SOURCE_GEOMETRY, SOURCE_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PIXEL_VALUES, ViewLayout
+from .recipes import RECIPE_CROP_MIN, RECIPES, RecipeView, blur_kernel_size
+from .photometric_params import IDENTITY
+from .view_layout import (
+    SOURCE_GEOMETRY, SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES,
+    ViewLayout,
+)
+from .view_params import SeparableGaussianBlur, crop_pil, draw_crop, draw_photometric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,11 +61,6 @@ def image_mode(num_channels: int) -> str:
     return "L" if num_channels == 1 else "RGB"
 
 
-def _blur_kernel(size: int) -> int:
-    """An odd kernel about a tenth of the image, as BYOL's 23 px at 224."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
-
-
 class ViewRecipe:
     """A RandomResizedCrop and horizontal flip whose geometry can be reported, then photometric steps.
 
@@ -78,16 +77,28 @@ class ViewRecipe:
         return self.with_geometry(image)[0]
 
     def with_geometry(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
-        view = v2.functional.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
-        flipped = bool(torch.rand(()) < 0.5)
-        if flipped:
-            view = v2.functional.horizontal_flip(view)
-        image_width, image_height = image.size
-        geometry = torch.tensor(
-            [top / image_height, left / image_width, height / image_height, width / image_width, float(flipped)]
-        )
-        return self.photometric(view), geometry
+        crop = draw_crop((image.height, image.width), self.size, self.scale)
+        return self.photometric(crop_pil(image, crop.box, crop.flipped, self.size)), crop.geometry
+
+
+class DeviceSplitView:
+    """The host's half of a view whose colour steps run on the accelerator: the crop, flip (and AsymAug's
+    RandAugment) applied here to a uint8 tensor, the colour steps' parameters drawn here, as :class:`ViewRecipe`
+    draws them, for :func:`hf_siamese.device_augment.finish_views` to apply in batch."""
+
+    def __init__(self, size: int, scale: tuple[float, float], view: RecipeView | None, num_channels: int,
+                 rand_augment: Callable | None = None):
+        self.size, self.scale, self.view = size, tuple(scale), view
+        self.num_channels, self.rand_augment = num_channels, rand_augment
+
+    def with_geometry(self, image: Image.Image) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``((uint8 view, parameter row), geometry)``; a view without colour steps gets the identity row."""
+        crop = draw_crop((image.height, image.width), self.size, self.scale)
+        view = crop_pil(image, crop.box, crop.flipped, self.size)
+        if self.rand_augment is not None:
+            view = self.rand_augment(view)
+        params = draw_photometric(self.view, self.num_channels) if self.view is not None else IDENTITY
+        return (v2.functional.pil_to_tensor(view), torch.tensor(params.as_row())), crop.geometry
 
 
 class MultiViewTransform:
@@ -110,36 +121,35 @@ class MultiViewTransform:
         global_scale: tuple[float, float] = (0.14, 1.0),
         scalemix_probability: float = 0.0,
         asym_aug: bool = False,
+        augment_on_device: bool = False,
     ):
         if recipe not in RECIPES:
             raise ValueError(f"`augmentation` must be one of {sorted(RECIPES)}, got {recipe!r}.")
         if layout.num_local and crop_min_scale is not None:
             raise ValueError(f"`crop_min_scale` ({crop_min_scale}) does not apply with MultiCrop, whose global crops use "
                              f"`multicrop_global_scale` ({list(global_scale)}); set that instead.")
-        self.layout = layout
+        self.layout, self.augment_on_device = layout, augment_on_device
         self.scalemix_probability = scalemix_probability if layout.scalemix else 0.0
+        if augment_on_device and self.scalemix_probability:
+            raise ValueError("`augment_on_device` does not take ScaleMix (`scalemix`) yet: a mixed view needs both "
+                             "views' colour steps before the mix. Keep the colour steps on the host for ScaleMix.")
         self.mode = image_mode(num_channels)
         mean, std = channel_stats(num_channels, image_mean, image_std)
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
         global_scale = tuple(global_scale) if layout.num_local else (crop_min, 1.0)
         first, second = RECIPES[recipe]
-        rand_augment = _rand_augment(mean) if asym_aug else None
-
-        def source(view: RecipeView, size: int, scale) -> ViewRecipe:
-            return ViewRecipe(size, scale, _photometric(view, size, mean, std, num_channels, rand_augment))
-
+        source = _view_maker(num_channels, mean, std, _rand_augment(mean) if asym_aug else None, augment_on_device)
         self.global_source = [source(first, layout.image_size, global_scale),
                               source(second, layout.image_size, global_scale)]
         self.local_source = source(first, layout.local_size, tuple(local_scale))
-        if asym_aug:
-            # AsymAug's weak target: crop (0.08, 1) + flip + normalise only.
-            weak = ViewRecipe(layout.image_size, (0.08, 1.0), v2.Compose(_to_normalised_tensor(mean, std)))
-            self.global_target = [weak, weak]
+        if asym_aug:  # the weak target: crop (0.08, 1) + flip only
+            self.global_target = [source(None, layout.image_size, (0.08, 1.0))] * 2
         else:
             self.global_target = self.global_source
 
     @classmethod
-    def from_config(cls, config) -> "MultiViewTransform":
+    def from_config(cls, config, augment_on_device: bool = False) -> "MultiViewTransform":
+        """The config's views; ``augment_on_device``: uint8 views and parameter rows, coloured in batch later."""
         return cls(
             ViewLayout.from_config(config),
             num_channels=config.num_channels,
@@ -151,6 +161,7 @@ class MultiViewTransform:
             global_scale=config.multicrop_global_scale,
             scalemix_probability=config.scalemix_probability,
             asym_aug=config.asym_aug,
+            augment_on_device=augment_on_device,
         )
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -166,14 +177,20 @@ class MultiViewTransform:
         return self._named(source, target)
 
     def _named(self, source: list[tuple], target: list[tuple]) -> dict[str, list[torch.Tensor]]:
-        """The views (and their crop geometry, with the dense term) under the model's argument names."""
-        branches = [(SOURCE_PIXEL_VALUES, SOURCE_GEOMETRY, source), (TARGET_PIXEL_VALUES, TARGET_GEOMETRY, target)]
+        """The views (their crop geometry with the dense term, their parameter rows when coloured on the device)
+        under the model's argument names."""
+        branches = [(SOURCE_PIXEL_VALUES, SOURCE_GEOMETRY, SOURCE_PHOTOMETRIC, source),
+                    (TARGET_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PHOTOMETRIC, target)]
         views = {}
-        for pixels_name, geometry_name, drawn in branches:
-            if drawn:
-                views[pixels_name] = [view for view, _ in drawn]
-                if self.layout.geometry:
-                    views[geometry_name] = [geometry for _, geometry in drawn]
+        for pixels_name, geometry_name, params_name, drawn in branches:
+            if not drawn:
+                continue
+            pixels = [view for view, _ in drawn]
+            if self.augment_on_device:
+                pixels, views[params_name] = [view for view, _ in pixels], [row for _, row in pixels]
+            views[pixels_name] = pixels
+            if self.layout.geometry:
+                views[geometry_name] = [geometry for _, geometry in drawn]
         return views
 
     def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
@@ -185,6 +202,20 @@ class MultiViewTransform:
         if isinstance(image, torch.Tensor):
             image = v2.functional.to_pil_image(image)
         return image if image.mode == self.mode else image.convert(self.mode)
+
+
+def _view_maker(num_channels: int, mean, std, rand_augment: Callable | None, augment_on_device: bool) -> Callable:
+    """``make(view, size, scale)``: one view's recipe, its colour steps on the host or drawn for the device; a
+    ``view`` of ``None`` has none (AsymAug's weak target)."""
+
+    def make(view: RecipeView | None, size: int, scale) -> ViewRecipe | DeviceSplitView:
+        if augment_on_device:
+            return DeviceSplitView(size, scale, view, num_channels, None if view is None else rand_augment)
+        if view is None:
+            return ViewRecipe(size, scale, v2.Compose(_to_normalised_tensor(mean, std)))
+        return ViewRecipe(size, scale, _photometric(view, size, mean, std, num_channels, rand_augment))
+
+    return make
 
 
 def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
@@ -220,27 +251,6 @@ def _rand_augment(mean) -> Callable:
     return rand_augment_transform(RAND_AUGMENT, {"translate_const": 100, "img_mean": fill})
 
 
-class SeparableGaussianBlur(v2.GaussianBlur):
-    """torchvision's ``GaussianBlur`` (same sigma draw, same kernel) computed as a row pass and a column pass.
-
-    torchvision convolves with the full ``k x k`` kernel; a Gaussian is separable, so two 1-D passes give the same
-    image (up to rounding) with ``2k`` instead of ``k^2`` multiply-adds per pixel.
-    """
-
-    def transform(self, inpt, params: dict):
-        if not isinstance(inpt, Image.Image):
-            return super().transform(inpt, params)
-        size, sigma = self.kernel_size[0], params["sigma"][0]
-        offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-        weights = torch.softmax(-offsets.pow(2) / (2 * sigma * sigma), dim=0)
-        pixels = v2.functional.pil_to_tensor(inpt).float()[None]
-        channels, pad = pixels.shape[1], size // 2
-        pixels = F.pad(pixels, [pad, pad, pad, pad], mode="reflect")
-        pixels = F.conv2d(pixels, weights.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
-        pixels = F.conv2d(pixels, weights.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
-        return v2.functional.to_pil_image(pixels[0].round_().to(torch.uint8), mode=inpt.mode)
-
-
 def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) -> v2.Compose:
     """The colour and blur steps of a recipe, applied after the crop and flip (``ViewRecipe``)."""
     brightness, contrast, saturation, hue = view.color_jitter
@@ -251,7 +261,7 @@ def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) 
     if view.grayscale_probability:
         steps.append(v2.RandomGrayscale(p=view.grayscale_probability))
     steps += [
-        v2.RandomApply([SeparableGaussianBlur(_blur_kernel(size), sigma=view.blur_sigma)], p=view.blur_probability),
+        v2.RandomApply([SeparableGaussianBlur(blur_kernel_size(size), sigma=view.blur_sigma)], p=view.blur_probability),
         v2.RandomSolarize(threshold=128, p=view.solarize_probability),
     ]
     return v2.Compose(steps + _to_normalised_tensor(mean, std))

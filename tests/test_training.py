@@ -107,10 +107,13 @@ def test_help_lists_every_field():
 ASYMMETRIC_VIEWS = ["--scalemix", "true", "--asym_aug", "true"]
 SMALL_GRAY_TRACK = ["--augmentation", "small_gray", "--small_image_stem", "true", "--num_channels", "1",
                     "--image_size", "28"]
+# The colour steps on the device: their parameters drawn in the workers must replay too.
+DEVICE_SPLIT = ["--augment_on_device", "true", "--asym_aug", "true", "--mean_encoding", "true"]
 
 
 @pytest.mark.parametrize("streaming,views", [("true", ASYMMETRIC_VIEWS), ("false", ASYMMETRIC_VIEWS),
-                                             ("false", SMALL_GRAY_TRACK)], ids=["streamed", "local", "small_gray"])
+                                             ("false", SMALL_GRAY_TRACK), ("false", DEVICE_SPLIT)],
+                         ids=["streamed", "local", "small_gray", "augment_on_device"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tmp_path, streaming, views):
     # 64 images, batch 16: 4 batches an epoch, so 6 steps cross an epoch and the checkpoint at 3 is mid-epoch.
     args = ["--framework", "moco", "--queue_size", "64", "--max_steps", "6", "--checkpointing_steps", "3",

@@ -14,7 +14,8 @@ from hf_siamese.recipes import RECIPES
 from hf_siamese.view_params import (
     JITTER_PROBABILITY, apply_photometric_pil, crop_to_uint8, draw_crop, draw_photometric,
 )
-from hf_siamese.views import ViewRecipe, _blur_kernel, _photometric, _to_normalised_tensor, channel_stats
+from hf_siamese.recipes import blur_kernel_size
+from hf_siamese.views import ViewRecipe, _photometric, _to_normalised_tensor, channel_stats
 
 SIZE = 40  # a 5 px blur kernel
 SEEDS = range(60)
@@ -56,7 +57,7 @@ def test_drawn_photometric_equals_todays_pipeline(recipe, index, mode):
 
     def explicit():
         drawn.append(draw_photometric(view, num_channels))
-        return normalise(apply_photometric_pil(image, drawn[-1], _blur_kernel(SIZE)))
+        return normalise(apply_photometric_pil(image, drawn[-1], blur_kernel_size(SIZE)))
 
     for seed in SEEDS:
         expected, state_after_today = seeded(seed, lambda: today(image))

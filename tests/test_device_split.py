@@ -1,0 +1,86 @@
+"""The colour steps on the device: the workers ship uint8 views and parameter rows, ``finish_views`` colours and
+normalises them in batch, and the result is the host's view of the same draws within a few grey levels."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from hf_siamese.device_augment import finish_views
+from hf_siamese.photometric_params import PHOTOMETRIC_FIELDS
+from hf_siamese.views import MultiViewTransform, channel_stats, collate_views
+
+DESIGNS = {
+    "byol": ("byol", {}),
+    "mocov2": ("moco", {}),
+    "small_gray": ("byol", {"augmentation": "small_gray", "num_channels": 1, "image_size": 28,
+                            "small_image_stem": True}),
+    "multicrop": ("moco", {"multicrop": True, "multicrop_num_local": 3, "multicrop_local_size": 16}),
+    "meanenc": ("moco", {"mean_encoding": True, "mean_encoding_views": 2}),
+    "asymaug": ("byol", {"asym_aug": True}),
+}
+# Grey levels between the two paths (measured on these images: mean 0.7-1.4, 99th percentile 3.1-4.5, max up to 14
+# with colour; max 2.2 for one channel). PIL rounds to uint8 after every step and turns hue in uint8 HSV (1/256 of
+# the circle, the shift truncated to int(255 x hue)); the device computes in float32 as torchvision's tensor kernels.
+TOLERANCE = {"mean": 1.6, "p99": 5.0, "max": 24.0}  # the hue step alone differs by up to 17.5 levels
+ONE_CHANNEL_MAX = 3.0  # no hue or saturation: rounding only
+
+
+def photographs(count: int, mode: str) -> list[Image.Image]:
+    """Smooth colour gradients with texture, so that every colour step changes something."""
+    generator = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:40] / 48.0
+    images = []
+    for index in range(count):
+        base = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + generator.normal(0, 18, (48, 40, 3)) + index * 5
+        images.append(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert(mode))
+    return images
+
+
+def views_of(transform: MultiViewTransform, images: list[Image.Image]) -> dict:
+    """The batch of ``images``' views, each image's draws seeded by its index (as the data loader seeds them)."""
+    samples = []
+    for index, image in enumerate(images):
+        torch.manual_seed(index)
+        random.seed(index)  # timm's RandAugment
+        np.random.seed(index)
+        samples.append(transform(image))
+    return collate_views(samples)
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_device_coloured_views_equal_the_host_views_of_the_same_draws(design):
+    framework, fields = DESIGNS[design]
+    config = tiny_config(framework, **fields)
+    images = photographs(16, "L" if config.num_channels == 1 else "RGB")
+    host = views_of(MultiViewTransform.from_config(config), images)
+    shipped = views_of(MultiViewTransform.from_config(config, augment_on_device=True), images)
+    device = finish_views(shipped, config)
+    assert list(device) == list(host)
+    _, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
+    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
+    grey_levels = torch.cat([((actual - expected) * scale).abs().flatten()
+                             for name in host for expected, actual in zip(host[name], device[name])])
+    assert grey_levels.mean() <= TOLERANCE["mean"] and grey_levels.quantile(0.99) <= TOLERANCE["p99"]
+    assert grey_levels.max() <= (ONE_CHANNEL_MAX if config.num_channels == 1 else TOLERANCE["max"])
+
+
+def test_the_workers_ship_uint8_views_and_one_parameter_row_per_view():
+    config = tiny_config("moco", multicrop=True, multicrop_num_local=2, multicrop_local_size=16)
+    shipped = views_of(MultiViewTransform.from_config(config, augment_on_device=True), photographs(4, "RGB"))
+    assert set(shipped) == {"source_pixel_values", "source_photometric", "target_pixel_values", "target_photometric"}
+    for branch in ("source", "target"):
+        views, rows = shipped[f"{branch}_pixel_values"], shipped[f"{branch}_photometric"]
+        assert len(views) == len(rows) and all(view.dtype == torch.uint8 for view in views)
+        assert all(row.shape == (4, len(PHOTOMETRIC_FIELDS)) for row in rows)
+    finished = finish_views(shipped, config)
+    assert set(finished) == {"source_pixel_values", "target_pixel_values"}
+    assert all(view.dtype == torch.float32 for view in finished["source_pixel_values"])
+
+
+def test_scalemix_keeps_its_colour_steps_on_the_host():
+    with pytest.raises(ValueError, match="`augment_on_device` does not take ScaleMix"):
+        MultiViewTransform.from_config(tiny_config("byol", scalemix=True), augment_on_device=True)
