@@ -29,9 +29,12 @@ Checks (``--list``):
 - ``ddp_gloo_two_processes``: two processes sharing cuda:0 over gloo (``bench/gpu_smoke_worker.py``), plain
   ``DistributedDataParallel`` (``find_unused_parameters=False``, ``broadcast_buffers=False`` so that equal queues
   are the library's doing, not DDP's copy) around MoCo with ShuffleBN, AsymBN and a ladder, a few steps; again
-  with ``hf_siamese.batchnorm.convert_sync_batchnorm`` when it exists. Asserts finite losses, no DDP error (an
+  with ``model.convert_sync_batchnorm()``. Asserts finite losses, no DDP error (an
   unused parameter fails the second step), every level's queue and pointer equal across ranks and at the
   expected position.
+- ``device_views``: the views of MoCo + MultiCrop (2 x 224 + 6 x 96 px, batch 64) shipped as the workers ship
+  them with ``--augment_on_device`` (uint8 and parameter rows), coloured by ``finish_views`` on the device: views/s
+  and the colouring's share of a ResNet-50 bf16 channels-last step on the same batch.
 - ``byol_r50_throughput``: BYOL ResNet-50 at 224 px, bf16, channels-last: ours (accelerate's autocast) against
   lightly's parts (``bench.train_step.ReferenceStep``, loss under ``torch.autocast``), interleaved repeats from the
   same weights; images/s of each and the median paired ratio (above 1: ours is faster). Ours only without lightly.
@@ -769,6 +772,54 @@ def check_byol_r50_throughput(ctx: Context) -> dict:
     return compare_throughput(ctx.device, config, batch, warmup=3, repeats=10)
 
 
+def shipped_views(config: SiameseConfig, count: int, image_size: int) -> dict[str, list[torch.Tensor]]:
+    """A batch as the workers ship it with ``--augment_on_device``: uint8 views and drawn parameter rows."""
+    from hf_siamese.views import MultiViewTransform, collate_views
+
+    transform = MultiViewTransform.from_config(config, augment_on_device=True)
+    torch.manual_seed(0)
+    return collate_views([transform(image) for image in structured_images(count, image_size)])
+
+
+def timed_seconds(run: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``run()`` after ``warmup`` calls, the device synchronised around each call."""
+    seconds = []
+    for index in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def check_device_views(ctx: Context) -> dict:
+    """MoCo + MultiCrop views coloured where the model runs (``--augment_on_device``): views/s of
+    ``finish_views``, and its share of a bf16 channels-last training step on the same batch."""
+    from hf_siamese.device_augment import finish_views
+
+    if ctx.dry_run:
+        config = smoke_config("moco", ctx.scale, multicrop=True, multicrop_num_local=6, multicrop_local_size=16)
+        batch, image_size, precision = ctx.scale.batch, 48, "no"
+    else:  # the papers' MultiCrop: 2 x 224 + 6 x 96 px on a ResNet-50
+        config = SiameseConfig(backbone="resnet50", image_size=224, framework="moco", multicrop=True)
+        batch, image_size, precision = 64, 320, "bf16"
+    shipped = views_to_device(pinned(shipped_views(config, batch, image_size), ctx.device), ctx.device)
+    views = finish_views(shipped, config)
+    num_views = sum(len(value) for key, value in views.items() if key.endswith("pixel_values")) * batch
+    colour_s = timed_seconds(lambda: finish_views(shipped, config), ctx.device, warmup=2, repeats=5)
+    step = OursStep(config, fresh_accelerator(ctx.device, precision), channels_last=True)
+    step_s = timed_seconds(lambda: step(views), ctx.device, warmup=2, repeats=5)
+    finite = all(bool(torch.isfinite(view).all()) for value in views.values() for view in value)
+    return {"backbone": config.backbone, "batch": batch, "views_per_image": num_views // batch,
+            "precision": precision, "colour_seconds": round(colour_s, 4), "views_per_s": round(num_views / colour_s, 1),
+            "step_seconds": round(step_s, 4), "colour_share_of_step": round(colour_s / (colour_s + step_s), 3),
+            "ok": finite}
+
+
 @dataclass(frozen=True)
 class Check:
     run: Callable[[Context], dict]
@@ -796,6 +847,8 @@ CHECKS = {
                                                 "weights"),
     "ddp_gloo_two_processes": Check(check_ddp_gloo, "2 DDP processes on one device over gloo, MoCo ShuffleBN+AsymBN+"
                                                     "ladder: no DDP error, equal queues across ranks"),
+    "device_views": Check(check_device_views, "MoCo+MultiCrop views coloured on the device (--augment_on_device): "
+                                              "views/s and their share of a ResNet-50 bf16 step"),
     "byol_r50_throughput": Check(check_byol_r50_throughput, "BYOL ResNet-50 224 px bf16: images/s ours vs lightly",
                                  cuda_only="a GPU throughput", needs_bf16=True),
 }

@@ -6,7 +6,7 @@ ladder from the same seed, wraps it in ``DistributedDataParallel`` (``find_unuse
 without a gradient fails the next step; ``broadcast_buffers=False``: the queues stay equal by the library's own
 gathering, not by DDP copying rank 0's buffers), takes a few steps on different views per rank with the EMA after
 each, then gathers every level's queue and pointer and compares them across ranks. The ``sync_bn`` case first
-converts the plain BatchNorms with ``hf_siamese.batchnorm.convert_sync_batchnorm`` (CUDA only).
+converts the plain BatchNorms with ``model.convert_sync_batchnorm()`` (CUDA only).
 
 Started by gpu_smoke.py with torchrun's environment; by hand, from the repository root:
 
