@@ -44,8 +44,10 @@ on the 2 source views, crop + flip + normalise on the 2 targets).
   MoCo v2's colour settings for MultiCrop, lightly's ``MultiViewTransform`` of three MoCo v2 views for MeanEnc); a
   line with null measurements and the reason where lightly has none (ScaleMix, AsymAug).
 * ``host``: hf_siamese's ``MultiViewTransform`` with ``hf_siamese.views.collate_views``.
-* ``device_split``: a hook for the host/device split (decode and crop on the host, photometric steps batched on the
-  accelerator); not built yet, so it is skipped with a reason on stderr and nothing is recorded.
+* ``device_split``: hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw each
+  view's parameters (``host_ms_per_image`` is this host side alone); the colour steps and normalisation
+  (``finish_views``) then run on each batch in the main process, on the CPU, timed apart
+  (``device_side_cpu_ms_per_image``, and ``host_and_device_cpu_ms_per_image``). ScaleMix has no such form.
 
 **Host CPU time** is user + system time of all threads of a process: the main process's over the epoch
 (``time.process_time``, from before its DataLoader iterator starts to the arrival of the epoch's last batch), plus
@@ -98,6 +100,7 @@ if str(ROOT) not in sys.path:
 
 from bench.data_pipeline import _collate_samples, median_interval  # noqa: E402
 from hf_siamese import SiameseConfig  # noqa: E402
+from hf_siamese.device_augment import finish_views  # noqa: E402
 from hf_siamese.view_layout import SOURCE_PIXEL_VALUES, TARGET_PIXEL_VALUES  # noqa: E402
 from hf_siamese.views import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT, MultiViewTransform, scale_mix  # noqa: E402
 
@@ -205,6 +208,7 @@ def corpus_summary(directory: Path) -> dict:
 class Pipeline(NamedTuple):
     transform: Callable  # PIL image -> views
     collate: Callable  # list of (views, label) -> batch
+    finish: Callable | None = None  # batch -> the model's views, in the main process (the device side, on the CPU)
 
 
 class Unavailable(Exception):
@@ -327,9 +331,13 @@ def lightly_pipeline(recipe: str) -> Pipeline:
 
 
 def device_split_pipeline(recipe: str) -> Pipeline:
-    """HOOK, to be filled in: the host/device split (decode and crop on the host, photometric steps batched on the
-    accelerator). Until then the case is skipped with this reason and nothing is recorded."""
-    raise NotImplementedError("device_split needs the host/device split, not built yet")
+    """hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw the parameters;
+    the colour steps and normalisation (``finish_views``) run in batch in the main process, here on the CPU."""
+    config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
+    if config.scalemix:
+        raise Unavailable("ScaleMix keeps its colour steps on the host (augment_on_device refuses it)")
+    transform = MultiViewTransform.from_config(config, augment_on_device=True)
+    return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
 
 
 PIPELINES = {"official": official_pipeline, "lightly": lightly_pipeline, "host": host_pipeline,
@@ -367,22 +375,27 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def run_epoch(loader: DataLoader) -> tuple[float, float]:
-    """(host CPU seconds, wall seconds) of one epoch: the main process's CPU over the epoch plus each worker's
-    lifetime CPU, read after the last batch and before the workers exit (module docstring)."""
+def run_epoch(loader: DataLoader, finish: Callable | None = None) -> tuple[float, float, float]:
+    """(host CPU seconds, wall seconds, device-side CPU seconds) of one epoch: the main process's CPU over the
+    epoch plus each worker's lifetime CPU, read after the last batch and before the workers exit (module
+    docstring), less the ``finish`` step on each batch, which is timed on its own."""
     me = psutil.Process()
     earlier = {child.pid for child in me.children()}
-    main_start, start = time.process_time(), time.perf_counter()
+    main_start, start, device = time.process_time(), time.perf_counter(), 0.0
     batches = iter(loader)
     for _ in range(len(loader)):
-        next(batches)
+        batch = next(batches)
+        if finish is not None:
+            finish_start = time.process_time()
+            finish(batch)
+            device += time.process_time() - finish_start
     wall = time.perf_counter() - start
     workers = [child for child in me.children() if child.pid not in earlier]
     if len(workers) != loader.num_workers:
         raise RuntimeError(f"found {len(workers)} DataLoader worker processes, expected {loader.num_workers}")
-    cpu = time.process_time() - main_start + sum(cpu_seconds(worker) for worker in workers)
+    cpu = time.process_time() - main_start + sum(cpu_seconds(worker) for worker in workers) - device
     del batches  # the workers exit now, after their CPU time was read
-    return cpu, wall
+    return cpu, wall, device
 
 
 def view_sizes(pipelines: dict[str, Pipeline], folder: Path) -> dict[str, list[int]]:
@@ -393,12 +406,13 @@ def view_sizes(pipelines: dict[str, Pipeline], folder: Path) -> dict[str, list[i
 
 
 def interleaved_epochs(folder: Path, pipelines: dict[str, Pipeline], workers: int, args) -> dict[str, list]:
-    """(CPU s, wall s) per repeat of each pipeline, the order rotated each repeat, fresh augmentations each repeat."""
+    """(host CPU s, wall s, device-side CPU s) per repeat of each pipeline, the order rotated each repeat, fresh
+    augmentations each repeat."""
     names, runs = list(pipelines), {name: [] for name in pipelines}
     for repeat in range(args.repeats):
         for name in names[repeat % len(names):] + names[: repeat % len(names)]:
             loader = make_loader(folder, pipelines[name], args.batch, workers, seed=args.seed * 10_000 + repeat)
-            runs[name].append(run_epoch(loader))
+            runs[name].append(run_epoch(loader, pipelines[name].finish))
     return runs
 
 
@@ -417,8 +431,8 @@ def environment(args, corpus: dict) -> dict:
 
 def measured_line(recipe: str, name: str, workers: int, runs: dict, sizes: list[int], args) -> dict:
     """A pipeline's result: medians over repeats, and its CPU paired with official's repeat by repeat."""
-    cpu, wall = [c for c, _ in runs[name]], [w for _, w in runs[name]]
-    ratios = [official / this for (official, _), this in zip(runs["official"], cpu)]
+    cpu, wall, device = ([run[index] for run in runs[name]] for index in range(3))
+    ratios = [official[0] / this for official, this in zip(runs["official"], cpu)]
     interval, coverage = median_interval(ratios)
     return {"bench": BENCH, "recipe": recipe, "pipeline": name, "workers": workers,
             "host_ms_per_image": round(1000 * statistics.median(cpu) / args.images, 3),
@@ -428,7 +442,17 @@ def measured_line(recipe: str, name: str, workers: int, runs: dict, sizes: list[
             "ratio_interval": [round(v, 3) for v in interval] if interval else None,
             "ratio_interval_coverage": round(coverage, 3) if coverage else None,
             "host_ms_repeats": [round(1000 * c / args.images, 3) for c in cpu],
-            "ratio_repeats": [round(r, 3) for r in ratios], "views_per_image": len(sizes), "view_sizes": sizes}
+            "ratio_repeats": [round(r, 3) for r in ratios], "views_per_image": len(sizes), "view_sizes": sizes,
+            **_device_side(device, cpu, args.images)}
+
+
+def _device_side(device: list[float], host: list[float], images: int) -> dict:
+    """With the colour steps batched after the loader: their CPU per image, and host + device on the CPU."""
+    if not any(device):
+        return {}
+    total = [h + d for h, d in zip(host, device)]
+    return {"device_side_cpu_ms_per_image": round(1000 * statistics.median(device) / images, 3),
+            "host_and_device_cpu_ms_per_image": round(1000 * statistics.median(total) / images, 3)}
 
 
 def unavailable_line(recipe: str, name: str, workers: int, reason: str) -> dict:
@@ -437,21 +461,14 @@ def unavailable_line(recipe: str, name: str, workers: int, reason: str) -> dict:
     return {"bench": BENCH, "recipe": recipe, "pipeline": name, "workers": workers, **nulls, "skipped": reason}
 
 
-def log(**fields) -> None:
-    print(json.dumps(fields), file=sys.stderr, flush=True)
-
-
 def build_pipelines(recipe: str, names: list[str]) -> tuple[dict[str, Pipeline], dict[str, str]]:
-    """The pipelines of ``names`` that exist for ``recipe``, and why each other one does not (unbuilt hooks are
-    logged and left out of both)."""
+    """The pipelines of ``names`` that exist for ``recipe``, and why each other one does not."""
     built, unavailable = {}, {}
     for name in names:
         try:
             built[name] = PIPELINES[name](recipe)
         except Unavailable as reason:
             unavailable[name] = str(reason)
-        except NotImplementedError as reason:
-            log(skipped=f"{recipe}/{name}", reason=str(reason))
     return built, unavailable
 
 
