@@ -5,21 +5,25 @@ one parameter row per view; :func:`apply_photometric` then does what ``hf_siames
 images, in the same order: ColorJitter (brightness, contrast, saturation, hue in the sample's drawn order),
 grayscale, Gaussian blur, solarize, then normalisation. The arithmetic is torchvision's tensor kernels' in float32
 on [0, 1] (clamped after each jitter operation); PIL rounds to uint8 after every step, so the two paths differ by
-a few grey levels at most (measured in ``tests/test_device_augment.py``).
+about a grey level (measured in ``tests/test_device_augment.py``). Hue is the exception: the host turns it in
+Pillow's uint8 HSV, which float HSV misses by up to 17 levels, so :func:`adjust_hue` quantises and reproduces
+Pillow's two conversions bit for bit (from tables of their C formulas, one lookup per pixel).
 """
 
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 
-from .photometric_params import BRIGHTNESS, CONTRAST, HUE, PHOTOMETRIC_FIELDS, SATURATION
+from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, PHOTOMETRIC_FIELDS, SATURATION
 
 _COLUMN = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
 _ORDER_COLUMNS = [_COLUMN[f"order_{position}"] for position in range(1, 5)]
 _JITTER_FACTOR_COLUMNS = {BRIGHTNESS: _COLUMN["brightness"], CONTRAST: _COLUMN["contrast"],
                           SATURATION: _COLUMN["saturation"], HUE: _COLUMN["hue"]}
+_JITTER_NO_OPS = {BRIGHTNESS: IDENTITY.brightness, CONTRAST: IDENTITY.contrast, SATURATION: IDENTITY.saturation,
+                  HUE: IDENTITY.hue}  # the host skips a factor at its no-op value (view_params._jitter_pil)
 _LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on uint8: values >= 128 are inverted
 
@@ -62,8 +66,9 @@ def _color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     for order_column in _ORDER_COLUMNS:
         drawn = params[:, order_column].round().long()
         for operation, adjust in _JITTER_OPERATIONS.items():
-            images = _update_selected(images, jittered & (drawn == operation), adjust,
-                                     params[:, _JITTER_FACTOR_COLUMNS[operation]])
+            factors = params[:, _JITTER_FACTOR_COLUMNS[operation]]  # no-op skipped as on the host: hue 0 would quantise
+            chosen = jittered & (drawn == operation) & (factors != _JITTER_NO_OPS[operation])
+            images = _update_selected(images, chosen, adjust, factors)
     return images
 
 
@@ -103,31 +108,97 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
     return _blend(images, luma(images), factors)
 
 
-def _rgb_to_hue_chroma_value(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HSV hue (in sixths, sectors as torchvision's ``_rgb_to_hsv``), chroma and value: all a hue rotation needs."""
-    red, green, blue = images.unbind(dim=1)
-    minimum, value = torch.aminmax(images, dim=1)
-    chroma = value - minimum
-    safe_chroma = torch.where(chroma == 0, torch.ones_like(chroma), chroma)  # a grey pixel's hue does not matter
-    hue = torch.where(value == red, (green - blue) / safe_chroma,
-                      torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4))
-    return hue, chroma, value
+# Pillow's hsv2rgb: which of (v, p, q, t) red, green and blue take in each sixth of the hue circle (i % 6).
+_SECTOR_CHANNELS = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
+_LEVELS = 256
 
 
-def _hue_chroma_value_to_rgb(hue: torch.Tensor, chroma: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """RGB from hue, chroma and value, as torchvision's ``_hsv_to_rgb`` (its ``v * s`` is the chroma)."""
-    channel_offsets = hue.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # red, green, blue
-    sector = (channel_offsets + hue.unsqueeze(1)).remainder_(6)
-    ramp = torch.minimum(sector, 4 - sector).clamp_(0, 1)
-    return (value.unsqueeze(1) - chroma.unsqueeze(1) * ramp).clamp_(0, 1)
+def _pil_hue_levels(red: torch.Tensor, green: torch.Tensor, blue: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``rgb2hsv_row`` hue, rounded where its C code rounds: exact rationals miss 47k of 2**24 colours."""
+    # C floats, double literals: rc = float((max - r) / cr); h = float(bc - gc), float(2.0 + rc - bc) or
+    # float(4.0 + gc - rc) (exact in double, rounded once); h = float(fmod(h / 6.0 + 1.0, 1.0)); H = (int)(h * 255.0).
+    minimum = torch.minimum(torch.minimum(red, green), blue)
+    maximum = torch.maximum(torch.maximum(red, green), blue)
+    grey = maximum == minimum
+    chroma = (maximum - minimum).masked_fill_(grey, 1)
+    red_c, green_c, blue_c = ((maximum - channel).div_(chroma).double() for channel in (red, green, blue))
+    hue = torch.where(red == maximum, blue_c - green_c,
+                      torch.where(green == maximum, 2 + red_c - blue_c, 4 + green_c - red_c)).float()
+    hue = torch.fmod(hue.double() / 6 + 1, 1).float()
+    return hue.double().mul_(255).trunc_().masked_fill_(grey, 0)  # grey: H = S = 0
+
+
+def _pil_saturation_levels(chroma: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``rgb2hsv_row`` saturation, ``(int)(float(cr / max) * 255.0)`` (0 for grey), to tabulate it."""
+    saturation = (chroma / maximum.clamp(min=1)).double().mul_(255).trunc_()
+    return saturation.masked_fill_(chroma == 0, 0).clamp_(0, 255)  # entries with chroma > max are never read
+
+
+def _pil_channel_factors() -> torch.Tensor:
+    """Pillow's ``hsv2rgb`` as each output channel's double factor of V per (H, S), ``[3, 256 * 256]``, to tabulate."""
+    # i = floor(h * 6.0 / 255.0); f = float(h * 6.0 / 255.0 - i); fs = float(s / 255.0); in double: p = v * (1.0 - fs),
+    # q = v * (1.0 - float(fs * f)), t = v * (1.0 - fs * (1.0 - f)), each then rounded half away from zero.
+    levels = torch.arange(_LEVELS, dtype=torch.float64)
+    hue, saturation = torch.meshgrid(levels, levels, indexing="ij")
+    sixths = hue * 6 / 255
+    sector = sixths.floor()
+    fraction, fs = (sixths - sector).float(), (saturation / 255).float()
+    candidates = torch.stack([torch.ones_like(hue), 1 - fs.double(), 1 - (fs * fraction).double(),
+                              1 - fs.double() * (1 - fraction.double())])
+    roles = torch.tensor(_SECTOR_CHANNELS)[sector.long().remainder(6)].permute(2, 0, 1)
+    return candidates.gather(0, roles).reshape(3, -1)
+
+
+@lru_cache(maxsize=None)
+def _pil_hsv_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pillow's conversions tabulated once per device: few inputs decide them, so one lookup replaces their math."""
+    # Hue depends only on (r - g, g - b) (511 x 511 entries), saturation on (max - min, max), each hsv2rgb channel on
+    # V times a factor of (H, S); entries no colour reaches are never read.
+    differences = torch.arange(1 - _LEVELS, _LEVELS, dtype=torch.float32)
+    red_minus_green, green_minus_blue = torch.meshgrid(differences, differences, indexing="ij")
+    hue = _pil_hue_levels(red_minus_green, torch.zeros_like(red_minus_green), -green_minus_blue)
+    levels = torch.arange(_LEVELS, dtype=torch.float32)
+    saturation = _pil_saturation_levels(*torch.meshgrid(levels, levels, indexing="ij"))
+    tables = (hue.flatten().to(torch.uint8), saturation.flatten().to(torch.uint8), _pil_channel_factors().flatten())
+    return tuple(table.to(device) for table in tables)
+
+
+def _look_up(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` through ``index_select``, about twice as fast as indexing on CPU for these small tables."""
+    return table.index_select(0, index.flatten()).view(index.shape)
+
+
+def pil_rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` RGB to HSV bit for bit as Pillow's ``convert("HSV")``, the host hue step's first half."""
+    hue_table, saturation_table, _ = _pil_hsv_tables(rgb.device)
+    channels = rgb.to(torch.int32)
+    red, green, blue = channels.unbind(dim=1)
+    minimum, maximum = torch.aminmax(channels, dim=1)
+    span = 2 * _LEVELS - 1  # a difference of two channels runs from -255 to 255
+    hue = _look_up(hue_table, (red - green + _LEVELS - 1).mul_(span).add_(green - blue + _LEVELS - 1))
+    saturation = _look_up(saturation_table, (maximum - minimum).mul_(_LEVELS).add_(maximum))
+    return torch.stack([hue, saturation, maximum.to(torch.uint8)], dim=1)
+
+
+def pil_hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` HSV to RGB bit for bit as Pillow's ``convert("RGB")``, the host hue step's second half."""
+    _, _, factors = _pil_hsv_tables(hsv.device)
+    channels = hsv.to(torch.int32)
+    channel_offsets = torch.arange(3, dtype=torch.int32, device=hsv.device).mul_(_LEVELS**2).view(1, 3, 1, 1)
+    index = (channels[:, :1] * _LEVELS).add_(channels[:, 1:2]).add(channel_offsets)
+    # (x + 0.5) truncated is C's round for every x >= 0 but 0.5 - 2**-54, which no v * factor gives (all 2**24 checked).
+    return _look_up(factors, index).mul_(hsv[:, 2:3]).add_(0.5).to(torch.uint8)
 
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate each sample's HSV hue by its shift (of the circle), as torchvision's tensor ``adjust_hue`` (not YIQ)."""
+    """Rotate each sample's hue in Pillow's uint8 HSV, as the host's PIL ``adjust_hue``, so both paths agree exactly."""
     if images.shape[1] == 1:
         return images
-    hue, chroma, value = _rgb_to_hue_chroma_value(images)
-    return _hue_chroma_value_to_rgb(hue + 6 * shifts.view(-1, 1, 1), chroma, value)
+    hsv = pil_rgb_to_hsv(images.mul(255).round_().to(torch.uint8))
+    # H moves by np.int32(shift * 255) modulo 256; double, as the host's Python float (the row's float32) multiplies.
+    turns = (shifts.double() * 255).trunc_().to(torch.int64).remainder_(_LEVELS).to(torch.uint8)
+    hsv[:, 0] += turns.view(-1, 1, 1)  # uint8 wraps around, as numpy's uint8 sum in the host kernel
+    return pil_hsv_to_rgb(hsv).to(torch.float32).mul_(1.0 / 255)
 
 
 _JITTER_OPERATIONS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,

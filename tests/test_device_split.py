@@ -22,11 +22,14 @@ DESIGNS = {
     "meanenc": ("moco", {"mean_encoding": True, "mean_encoding_views": 2}),
     "asymaug": ("byol", {"asym_aug": True}),
 }
-# Grey levels between the two paths (measured on these images: mean 0.7-1.4, 99th percentile 3.1-4.5, max up to 14
-# with colour; max 2.2 for one channel). PIL rounds to uint8 after every step and turns hue in uint8 HSV (1/256 of
-# the circle, the shift truncated to int(255 x hue)); the device computes in float32 as torchvision's tensor kernels.
-TOLERANCE = {"mean": 1.6, "p99": 5.0, "max": 24.0}  # the hue step alone differs by up to 17.5 levels
-ONE_CHANNEL_MAX = 3.0  # no hue or saturation: rounding only
+# Grey levels between the two paths, measured on these 16 images per design [on 64 in brackets] with colour: max
+# 6.62-7.38 [same], 99.9th percentile 3.78-4.54 [3.38-4.00], 99th 2.96-3.14 [2.52-2.95], mean 0.68-1.39
+# [0.40-0.80]; one channel max 2.22 [2.36] (was max 14, 99th 4.5 with the float hue). PIL rounds to uint8 after every
+# step; the device computes in float32 as torchvision's tensor kernels, but for hue, which it turns in Pillow's uint8
+# HSV bit for bit. A one-level difference entering the hue step can still move H by one of its 256 steps (up to
+# 6 levels of a fully saturated channel), hence the max.
+TOLERANCE = {"mean": 1.5, "p99": 3.5, "max": 8.0}
+ONE_CHANNEL_MAX = 2.5  # no hue or saturation: rounding only
 
 
 def photographs(count: int, mode: str) -> list[Image.Image]:
