@@ -543,7 +543,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report(args.report))
         return
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker's share, so that workers=0 does the same work in one thread
+    try:
+        measure(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) keeps its threads
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Every recipe x workers case not yet in ``args.results``, appended as it finishes."""
     folder = build_corpus(args.corpus, args.images, args.seed)
     shared = environment(args, corpus_summary(folder))
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -556,7 +565,6 @@ def main(argv: list[str] | None = None) -> None:
                 with args.results.open("a") as stream:
                     stream.write(json.dumps(record) + "\n")
                 print(json.dumps(record), flush=True)
-
 
 if __name__ == "__main__":
     main()

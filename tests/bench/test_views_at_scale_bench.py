@@ -84,7 +84,9 @@ def test_a_tiny_run_writes_its_lines_and_a_second_run_skips_them(tmp_path: Path,
     results = tmp_path / "results.jsonl"
     argv = ["--images", "6", "--repeats", "1", "--batch", "4", "--workers", "0,1", "--recipes", "mocov2,scalemix",
             "--results", str(results), "--corpus", str(tmp_path / "corpus")]
+    threads = torch.get_num_threads()
     main(argv)
+    assert torch.get_num_threads() == threads  # measuring on one thread leaves the caller's threads as they were
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert capsys.readouterr().out.splitlines() == results.read_text().splitlines()
     cases = {(recipe, name, w) for recipe in ("mocov2", "scalemix")
