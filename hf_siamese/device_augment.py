@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, PHOTOMETRIC_FIELDS, SATURATION
+from .recipes import blur_kernel_size
+from .view_layout import SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES
+from .views import channel_stats
 
 _COLUMN = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
 _ORDER_COLUMNS = [_COLUMN[f"order_{position}"] for position in range(1, 5)]
@@ -244,10 +247,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 def finish_views(batch: dict, config) -> dict:
     """The model's inputs from a batch shipped with ``augment_on_device``: every view coloured as its parameter
     row says and normalised, in batch, where the views already are (the accelerator); the rows are dropped."""
-    from .recipes import blur_kernel_size
-    from .view_layout import SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES
-    from .views import channel_stats
-
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     finished = {key: value for key, value in batch.items() if key not in (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC)}
     for pixels_name, params_name in ((SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC), (TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC)):
