@@ -1,5 +1,5 @@
 """``apply_photometric`` against the host path: the same parameter rows applied per image with torchvision's
-functional ops on PIL images (and ``views.SeparableGaussianBlur``'s computation), then ToImage/ToDtype/Normalize.
+functional ops on PIL images (``view_params.apply_photometric_pil``), then ToImage/ToDtype/Normalize.
 
 Differences are in grey levels (x255, before normalisation). PIL rounds or truncates to uint8 after every step
 while the device stays in float32 (but for hue), hence the tolerances. Measured max / 99.9th percentile / mean, grey
@@ -32,10 +32,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from hf_siamese.device_augment import adjust_hue, apply_photometric, gaussian_kernels, pil_hsv_to_rgb, pil_rgb_to_hsv
-from hf_siamese.photometric_params import (
-    BRIGHTNESS, CONTRAST, HUE, IDENTITY, PHOTOMETRIC_FIELDS, SATURATION, PhotometricParams,
-)
-from hf_siamese.views import IMAGENET_MEAN, IMAGENET_STD, SeparableGaussianBlur
+from hf_siamese.photometric_params import IDENTITY, PHOTOMETRIC_FIELDS, PhotometricParams
+from hf_siamese.view_params import apply_photometric_pil
+from hf_siamese.views import IMAGENET_MEAN, IMAGENET_STD
 
 KERNEL_SIZE = 7
 GRAY_MEAN, GRAY_STD = (0.45,), (0.225,)
@@ -47,8 +46,6 @@ TOLERANCE = {"brightness": (1.0, 1.0, 0.5), "contrast": (1.25, 1.15, 0.5), "satu
              "every order without hue": (4.0, 3.5, 1.25)}
 SINGLE_STEPS = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize")
 FLOAT_SLACK = 1e-3  # float32 rounding of the device's values, in grey levels
-HOST_JITTER = {BRIGHTNESS: (TF.adjust_brightness, "brightness"), CONTRAST: (TF.adjust_contrast, "contrast"),
-               SATURATION: (TF.adjust_saturation, "saturation"), HUE: (TF.adjust_hue, "hue")}
 
 
 def natural_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -93,22 +90,10 @@ def rows_with_only(step: str, count: int, seed: int = 0) -> torch.Tensor:
 
 
 def host_view(pixels: torch.Tensor, row: torch.Tensor, mean, std) -> torch.Tensor:
-    """One view as the host pipeline computes it: torchvision's functional ops on a PIL image, in the row's order."""
+    """One view as the host pipeline computes it: ``view_params.apply_photometric_pil`` (torchvision's functional
+    ops on a PIL image in the row's order, tested equal to the recipes' transforms), then the normalisation."""
     params = PhotometricParams.from_row(row.tolist())
-    image = TF.to_pil_image(pixels)
-    if params.jitter:
-        for operation in params.order:
-            adjust, name = HOST_JITTER[round(operation)]
-            if getattr(params, name) != getattr(IDENTITY, name):  # as ColorJitter skips a step it has no range for
-                image = adjust(image, getattr(params, name))
-    if params.grayscale:
-        image = TF.rgb_to_grayscale(image, num_output_channels=len(image.getbands()))
-    if params.blur:
-        blur = SeparableGaussianBlur(KERNEL_SIZE, sigma=params.blur_sigma)
-        image = blur.transform(image, {"sigma": [params.blur_sigma, params.blur_sigma]})
-    if params.solarize:
-        image = TF.solarize(image, threshold=128)
-    return normalised(image, mean, std)
+    return normalised(apply_photometric_pil(TF.to_pil_image(pixels), params, KERNEL_SIZE), mean, std)
 
 
 def normalised(image, mean, std) -> torch.Tensor:
