@@ -3,11 +3,11 @@
 The host draws the parameters (:mod:`hf_siamese.photometric_params`), crops and flips, and ships uint8 views with
 one parameter row per view; :func:`apply_photometric` then does what ``hf_siamese.views._photometric`` does on PIL
 images, in the same order: ColorJitter (brightness, contrast, saturation, hue in the sample's drawn order),
-grayscale, Gaussian blur, solarize, then normalisation. The arithmetic is torchvision's tensor kernels' in float32
-on [0, 1] (clamped after each jitter operation); PIL rounds to uint8 after every step, so the two paths differ by
-about a grey level (measured in ``tests/test_device_augment.py``). Hue is the exception: the host turns it in
-Pillow's uint8 HSV, which float HSV misses by up to 17 levels, so :func:`adjust_hue` quantises and reproduces
-Pillow's two conversions bit for bit (from tables of their C formulas, one lookup per pixel).
+grayscale, Gaussian blur, solarize, then normalisation. The host's images are uint8 between steps, so the device
+works on grey levels (float32 holding integers 0-255) and quantises after every step where Pillow does, with
+Pillow's arithmetic: ``Image.blend``'s float32 interpolation truncated to an integer for the three enhancers,
+its integer luma for the grey they blend towards, its uint8 HSV for hue (from tables of its C formulas, one lookup
+per pixel). The blur rounds as the host's; only its sums' order can differ (``tests/test_device_augment.py``).
 """
 
 from collections.abc import Callable, Sequence
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, PHOTOMETRIC_FIELDS, SATURATION
 from .recipes import blur_kernel_size
+from .view_params import SOLARIZE_THRESHOLD
 from .view_layout import SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES
 from .views import channel_stats
 
@@ -27,8 +28,8 @@ _JITTER_FACTOR_COLUMNS = {BRIGHTNESS: _COLUMN["brightness"], CONTRAST: _COLUMN["
                           SATURATION: _COLUMN["saturation"], HUE: _COLUMN["hue"]}
 _JITTER_NO_OPS = {BRIGHTNESS: IDENTITY.brightness, CONTRAST: IDENTITY.contrast, SATURATION: IDENTITY.saturation,
                   HUE: IDENTITY.hue}  # the host skips a factor at its no-op value (view_params._jitter_pil)
-_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
-SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on uint8: values >= 128 are inverted
+_LUMA_WEIGHTS = (19595, 38470, 7471)  # Pillow's "L" conversion: ITU-R 601-2 in 16-bit fixed point, rounded
+_MAX_LEVEL = 255
 
 
 def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: int,
@@ -44,14 +45,14 @@ def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: in
     if params.shape != (views.shape[0], len(PHOTOMETRIC_FIELDS)):
         raise ValueError(f"`params` must be [{views.shape[0]}, {len(PHOTOMETRIC_FIELDS)}], got {tuple(params.shape)}.")
     params = params.to(device=views.device, dtype=torch.float32)
-    images = views.to(torch.float32).mul_(1.0 / 255)  # as torchvision's ToDtype(float32, scale=True)
+    images = views.to(torch.float32)  # grey levels, integers after every step as the host's uint8 images
     images = _color_jitter(images, params)
     flagged = {name: params[:, _COLUMN[name]] > 0 for name in ("grayscale", "blur", "solarize")}
     images = _update_selected(images, flagged["grayscale"], to_grayscale)
     blur = partial(gaussian_blur, kernel_size=kernel_size)
     images = _update_selected(images, flagged["blur"], blur, params[:, _COLUMN["blur_sigma"]])
     images = _update_selected(images, flagged["solarize"], solarize)
-    return normalize(images, mean, std)
+    return normalize(images.mul_(1.0 / _MAX_LEVEL), mean, std)  # as torchvision's ToDtype(float32, scale=True)
 
 
 def _update_selected(images: torch.Tensor, selected: torch.Tensor,
@@ -81,34 +82,38 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma ``[B, 1, H, W]``, the grey that contrast, saturation and grayscale move towards."""
+    """Pillow's luma ``[B, 1, H, W]`` in grey levels (its ``convert("L")``), the grey the enhancers blend towards."""
     if images.shape[1] == 1:
         return images
-    weights = images.new_tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
+    weights = torch.tensor(_LUMA_WEIGHTS, dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
+    weighted = (images.to(torch.int32) * weights).sum(dim=1, keepdim=True)
+    return weighted.add_(1 << 15).bitwise_right_shift_(16).to(images.dtype)
 
 
-def _blend(images: torch.Tensor, grey: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``_blend`` with one ratio per sample: ``factor * image + (1 - factor) * grey``, clamped."""
-    factors = _per_sample(factors)
-    return (images * factors + grey * (1 - factors)).clamp_(0, 1)
+def _blend(grey: torch.Tensor, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``Image.blend(grey, image, factor)`` per sample: ``grey + factor * (image - grey)`` in float32,
+    clipped and truncated to a level (``ImageEnhance``'s one formula)."""
+    blended = (images - grey).mul_(_per_sample(factors)).add_(grey)
+    return blended.clamp_(0, _MAX_LEVEL).trunc_()
 
 
 def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Scale each sample by its brightness factor, clamped as torchvision's ``adjust_brightness``."""
-    return (images * _per_sample(factors)).clamp_(0, 1)
+    """Blend each sample with black, as PIL's ``ImageEnhance.Brightness``."""
+    return _blend(torch.zeros_like(images), images, factors)
 
 
 def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each sample with the mean of its grayscale image, as torchvision's tensor ``adjust_contrast``."""
-    return _blend(images, luma(images).mean(dim=(1, 2, 3), keepdim=True), factors)
+    """Blend each sample with its mean luma rounded to a level, as PIL's ``ImageEnhance.Contrast``."""
+    grey = luma(images)
+    mean = grey.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / grey[0].numel()  # ImageStat's double mean
+    return _blend(mean.add_(0.5).floor_().to(images.dtype), images, factors)
 
 
 def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each sample with its own grayscale image; a one-channel image has no colour to change."""
+    """Blend each sample with its own luma, as PIL's ``ImageEnhance.Color``; one channel has no colour to change."""
     if images.shape[1] == 1:
         return images
-    return _blend(images, luma(images), factors)
+    return _blend(luma(images), images, factors)
 
 
 # Pillow's hsv2rgb: which of (v, p, q, t) red, green and blue take in each sixth of the hue circle (i % 6).
@@ -197,11 +202,11 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Rotate each sample's hue in Pillow's uint8 HSV, as the host's PIL ``adjust_hue``, so both paths agree exactly."""
     if images.shape[1] == 1:
         return images
-    hsv = pil_rgb_to_hsv(images.mul(255).round_().to(torch.uint8))
+    hsv = pil_rgb_to_hsv(images.to(torch.uint8))
     # H moves by np.int32(shift * 255) modulo 256; double, as the host's Python float (the row's float32) multiplies.
     turns = (shifts.double() * 255).trunc_().to(torch.int64).remainder_(_LEVELS).to(torch.uint8)
     hsv[:, 0] += turns.view(-1, 1, 1)  # uint8 wraps around, as numpy's uint8 sum in the host kernel
-    return pil_hsv_to_rgb(hsv).to(torch.float32).mul_(1.0 / 255)
+    return pil_hsv_to_rgb(hsv).to(images.dtype)
 
 
 _JITTER_OPERATIONS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,
@@ -209,7 +214,7 @@ _JITTER_OPERATIONS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, 
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """Each sample's luma over all its channels, as ``rgb_to_grayscale(num_output_channels=C)`` keeps C."""
+    """Each sample's luma over all its channels, as the host's ``rgb_to_grayscale(num_output_channels=C)``."""
     return luma(images).expand_as(images).clone()
 
 
@@ -229,12 +234,12 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) 
     blurred = F.pad(images.reshape(1, planes, height, width), [pad, pad, pad, pad], mode="reflect")
     blurred = F.conv2d(blurred, weights.view(planes, 1, 1, kernel_size), groups=planes)
     blurred = F.conv2d(blurred, weights.view(planes, 1, kernel_size, 1), groups=planes)
-    return blurred.view(batch, channels, height, width)
+    return blurred.view(batch, channels, height, width).round_()  # the host rounds its float blur to uint8
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
-    """Invert values at or above 128/255 (``>=`` as torchvision's uint8 ``solarize``): level 128 flips on both paths."""
-    return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
+    """Invert levels at or above 128 (``>=`` as torchvision's uint8 ``solarize``): level 128 flips on both paths."""
+    return torch.where(images >= SOLARIZE_THRESHOLD, _MAX_LEVEL - images, images)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -1,24 +1,11 @@
 """``apply_photometric`` against the host path: the same parameter rows applied per image with torchvision's
 functional ops on PIL images (``view_params.apply_photometric_pil``), then ToImage/ToDtype/Normalize.
 
-Differences are in grey levels (x255, before normalisation). PIL rounds or truncates to uint8 after every step
-while the device stays in float32 (but for hue), hence the tolerances. Measured max / 99.9th percentile / mean, grey
-levels, on the tests' 128 images (32 px, ``natural_images``, seed 0) and, in brackets, on 1024 such images (torch
-2.14 CPU, Pillow 13.0):
-
-* brightness 1.00 / 1.00 / 0.39 [1.00 / 1.00 / 0.40]: PIL's ``Image.blend`` truncates instead of rounding;
-* contrast 1.16 / 1.12 / 0.43 [1.18 / 1.13 / 0.43], saturation 1.19 / 1.12 / 0.42 [1.20 / 1.12 / 0.42]: the same
-  truncation, plus PIL's grey (and its mean, for contrast) is rounded to an integer;
-* grayscale 0.53 / 0.52 / 0.25 [same], blur 0.50 / 0.50 / 0.18 [0.50 / 0.50 / 0.19], solarize 0 / 0 / 0;
-* hue (shift in [-0.5, 0.5]) 0 / 0 / 0 [same]: the device reproduces PIL's uint8 HSV rotation (hue in 1/256 of the
-  circle, shifted by ``int(255 * shift)`` of them) bit for bit; torchvision's float HSV rotation differed by up to
-  17.5 levels (99.9th percentile 13.8, mean 1.14);
-* the whole chain (recipe-like rows, hue shift in [-0.1, 0.1], each flag on with p = 0.5) 9.46 / 5.13 / 0.74
-  [10.48 / 5.00 / 0.69], was 13.7 / 9.4 / 0.89 with float hue: a one-level difference entering the hue step (from
-  the steps before it) can move H by one of its 256 steps, i.e. a channel by up to 6 x chroma / 255 levels; the
-  same rows without hue 3.73 / 2.91 / 0.72 [3.77 / 2.82 / 0.68]; one channel 2.54 / 2.15 / 0.45 [2.47 / 2.05 / 0.44];
-* strong jitter in all 24 orders on one image, hue 0.25: 10.00 / 6.55 / 1.30 (15.6 / 7.00 / 1.01 on 64 images);
-  without hue 3.89 / 3.44 / 1.21 (4.17 / 3.32 / 0.98).
+Differences are in grey levels (x255, before normalisation). The device quantises where PIL does, with PIL's
+arithmetic, so every step but the blur gives the host's view bit for bit. The blur's float sums may land on the
+other side of a rounding boundary: measured on 1024 images (32 px, ``natural_images``, seed 0; torch 2.14 CPU,
+Pillow 13.0) one value in 3.1 million differed, by one level, in the one-channel chain; none in the others.
+(Computed in float32 as torchvision's tensor kernels instead, the chain differed by up to 10 levels, mean 0.7.)
 """
 
 import itertools
@@ -38,14 +25,9 @@ from hf_siamese.views import IMAGENET_MEAN, IMAGENET_STD
 
 KERNEL_SIZE = 7
 GRAY_MEAN, GRAY_STD = (0.45,), (0.225,)
-# Allowed (max, 99.9th percentile, mean) differences in grey levels, the measurements above rounded up.
-TOLERANCE = {"brightness": (1.0, 1.0, 0.5), "contrast": (1.25, 1.15, 0.5), "saturation": (1.25, 1.15, 0.5),
-             "grayscale": (0.6, 0.55, 0.3), "blur": (0.55, 0.5, 0.25), "solarize": (1e-3, 1e-3, 1e-3),
-             "hue": (0.0, 0.0, 0.0), "chain": (11.0, 5.5, 0.8), "chain without hue": (4.0, 3.0, 0.75),
-             "one channel chain": (3.0, 2.25, 0.5), "every order": (10.5, 7.0, 1.4),
-             "every order without hue": (4.0, 3.5, 1.25)}
 SINGLE_STEPS = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize")
-FLOAT_SLACK = 1e-3  # float32 rounding of the device's values, in grey levels
+FLOAT_SLACK = 1e-3  # float32 rounding of the normalisation undone, in grey levels
+BLUR_MISMATCH_FRACTION = 1e-4  # values allowed one level off where a blur ran: its float sums' order
 
 
 def natural_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -116,11 +98,14 @@ def compare(views: torch.Tensor, rows: torch.Tensor, mean=IMAGENET_MEAN, std=IMA
     return grey_level_difference(device, host_views(views, rows, mean, std), std)
 
 
-def assert_within(difference: torch.Tensor, case: str):
-    """The case's max, 99.9th percentile and mean grey-level differences within its ``TOLERANCE`` row."""
-    measured = (difference.max(), torch.quantile(difference.flatten(), 0.999), difference.mean())
-    for name, value, bound in zip(("max", "99.9th percentile", "mean"), measured, TOLERANCE[case]):
-        assert value <= bound + FLOAT_SLACK, f"{case}: {name} {value:.3f} grey levels > {bound}"
+def assert_matches(difference: torch.Tensor, blurred: bool = False):
+    """Equal to the host's view; where a blur ran, a rare value may be one level off."""
+    off = difference > FLOAT_SLACK
+    if not blurred:
+        assert not off.any(), f"{int(off.sum())} values differ, by up to {difference.max():.3f} grey levels"
+        return
+    assert difference.max() <= 1 + FLOAT_SLACK, f"{difference.max():.3f} grey levels off"
+    assert off.float().mean() <= BLUR_MISMATCH_FRACTION, f"{int(off.sum())} of {off.numel()} values one level off"
 
 
 VIEWS = natural_images(128)
@@ -128,25 +113,25 @@ VIEWS = natural_images(128)
 
 @pytest.mark.parametrize("step", SINGLE_STEPS)
 def test_each_step_alone_matches_the_host(step):
-    assert_within(compare(VIEWS, rows_with_only(step, len(VIEWS))), step)
+    assert_matches(compare(VIEWS, rows_with_only(step, len(VIEWS))), blurred=step == "blur")
 
 
 def test_the_whole_chain_matches_the_host():
-    assert_within(compare(VIEWS, random_rows(len(VIEWS))), "chain")
+    assert_matches(compare(VIEWS, random_rows(len(VIEWS))), blurred=True)
 
 
-def test_the_chain_without_hue_matches_the_host_closely():
+def test_the_chain_without_blur_is_the_host_chain_bit_for_bit():
     rows = random_rows(len(VIEWS))
-    rows[:, PHOTOMETRIC_FIELDS.index("hue")] = 0.0
-    assert_within(compare(VIEWS, rows), "chain without hue")
+    rows[:, PHOTOMETRIC_FIELDS.index("blur")] = 0.0
+    assert_matches(compare(VIEWS, rows))
 
 
 def test_one_channel_views_match_the_host():
     gray, rows = VIEWS[:, :1].clone(), random_rows(len(VIEWS))
     device = apply_photometric(gray, rows, KERNEL_SIZE, GRAY_MEAN, GRAY_STD)
     assert device.shape == gray.shape
-    assert_within(grey_level_difference(device, host_views(gray, rows, GRAY_MEAN, GRAY_STD), GRAY_STD),
-                  "one channel chain")
+    assert_matches(grey_level_difference(device, host_views(gray, rows, GRAY_MEAN, GRAY_STD), GRAY_STD),
+                   blurred=True)
 
 
 def test_hue_is_pils_uint8_hsv_rotation_bit_for_bit():
@@ -155,8 +140,7 @@ def test_hue_is_pils_uint8_hsv_rotation_bit_for_bit():
     shifts = torch.cat([rows_with_only("hue", len(VIEWS) - len(edges))[:, PHOTOMETRIC_FIELDS.index("hue")], edges])
     expected = torch.stack([TF.pil_to_tensor(TF.adjust_hue(TF.to_pil_image(view), shift))
                             for view, shift in zip(VIEWS, shifts.tolist())])
-    scaled = TF.to_dtype(expected, torch.float32, scale=True)  # the host's ToDtype, as ``normalised`` applies it
-    assert torch.equal(adjust_hue(TF.to_dtype(VIEWS, torch.float32, scale=True), shifts), scaled)
+    assert torch.equal(adjust_hue(VIEWS.float(), shifts), expected.float())  # grey levels in, grey levels out
 
 
 def as_pil_image(pixels: torch.Tensor, mode: str) -> Image.Image:
@@ -239,21 +223,21 @@ def rows_in_every_order(hue: float) -> torch.Tensor:
                          for order in itertools.permutations(range(4))])
 
 
-ORDER_CASES = [(0.25, "every order"), (0.0, "every order without hue")]
+HUES = [0.25, 0.0]
 
 
-@pytest.mark.parametrize("hue, case", ORDER_CASES)
-def test_each_order_matches_the_host(hue, case):
+@pytest.mark.parametrize("hue", HUES)
+def test_each_order_matches_the_host(hue):
     rows = rows_in_every_order(hue)
-    assert_within(compare(VIEWS[:1].repeat(len(rows), 1, 1, 1), rows), case)
+    assert_matches(compare(VIEWS[:1].repeat(len(rows), 1, 1, 1), rows))
 
 
-@pytest.mark.parametrize("hue, case", ORDER_CASES)
-def test_the_drawn_order_matters(hue, case):
-    """Brightness, contrast, saturation, hue and the reverse order differ far more than the host tolerance."""
+@pytest.mark.parametrize("hue", HUES)
+def test_the_drawn_order_matters(hue):
+    """Brightness, contrast, saturation, hue and the reverse order differ by many grey levels."""
     rows = rows_in_every_order(hue)[[0, -1]]
     device = apply_photometric(VIEWS[:1].repeat(2, 1, 1, 1), rows, KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD)
-    assert grey_level_difference(device[:1], device[1:], IMAGENET_STD).max() > 2 * TOLERANCE[case][0]
+    assert grey_level_difference(device[:1], device[1:], IMAGENET_STD).max() > 10
 
 
 def test_a_batch_gives_what_each_sample_gives_alone():
@@ -279,14 +263,12 @@ def test_gaussian_kernels_are_the_host_blur_weights():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu():
-    """Float steps agree closely; hue quantises (a 1e-7 change can flip a level), so it is checked on uint8 input."""
+def test_cuda_matches_the_host():
+    """Element-wise steps are IEEE float32 operations on both devices; the blur's sums (cuDNN's) may round apart."""
     rows = random_rows(len(VIEWS))
-    rows[:, PHOTOMETRIC_FIELDS.index("hue")] = 0.0
-    for rows, atol in ((rows, 1e-4), (rows_with_only("hue", len(VIEWS)), 0.0)):
-        on_cpu = apply_photometric(VIEWS, rows, KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD)
-        on_cuda = apply_photometric(VIEWS.cuda(), rows.cuda(), KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD)
-        torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=atol)
+    on_cuda = apply_photometric(VIEWS.cuda(), rows.cuda(), KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD).cpu()
+    assert_matches(grey_level_difference(on_cuda, host_views(VIEWS, rows, IMAGENET_MEAN, IMAGENET_STD),
+                                         IMAGENET_STD), blurred=True)
 
 
 def test_mismatched_parameter_rows_are_refused():

@@ -1,5 +1,5 @@
 """The colour steps on the device: the workers ship uint8 views and parameter rows, ``finish_views`` colours and
-normalises them in batch, and the result is the host's view of the same draws within a few grey levels."""
+normalises them in batch, and the result is the host's view of the same draws (up to the blur's rounding)."""
 
 import random
 
@@ -22,14 +22,9 @@ DESIGNS = {
     "meanenc": ("moco", {"mean_encoding": True, "mean_encoding_views": 2}),
     "asymaug": ("byol", {"asym_aug": True}),
 }
-# Grey levels between the two paths, measured on these 16 images per design [on 64 in brackets] with colour: max
-# 6.62-7.38 [same], 99.9th percentile 3.78-4.54 [3.38-4.00], 99th 2.96-3.14 [2.52-2.95], mean 0.68-1.39
-# [0.40-0.80]; one channel max 2.22 [2.36] (was max 14, 99th 4.5 with the float hue). PIL rounds to uint8 after every
-# step; the device computes in float32 as torchvision's tensor kernels, but for hue, which it turns in Pillow's uint8
-# HSV bit for bit. A one-level difference entering the hue step can still move H by one of its 256 steps (up to
-# 6 levels of a fully saturated channel), hence the max.
-TOLERANCE = {"mean": 1.5, "p99": 3.5, "max": 8.0}
-ONE_CHANNEL_MAX = 2.5  # no hue or saturation: rounding only
+# The device reproduces PIL's arithmetic step for step (tests/test_device_augment.py); the blur's float sums may
+# round apart: on these 16 images per design, at most this fraction of the values one grey level off.
+BLUR_MISMATCH_FRACTION = 1e-3
 
 
 def photographs(count: int, mode: str) -> list[Image.Image]:
@@ -67,8 +62,8 @@ def test_device_coloured_views_equal_the_host_views_of_the_same_draws(design):
     scale = torch.tensor(std).view(1, -1, 1, 1) * 255
     grey_levels = torch.cat([((actual - expected) * scale).abs().flatten()
                              for name in host for expected, actual in zip(host[name], device[name])])
-    assert grey_levels.mean() <= TOLERANCE["mean"] and grey_levels.quantile(0.99) <= TOLERANCE["p99"]
-    assert grey_levels.max() <= (ONE_CHANNEL_MAX if config.num_channels == 1 else TOLERANCE["max"])
+    assert grey_levels.max() <= 1.001
+    assert (grey_levels > 1e-3).float().mean() <= BLUR_MISMATCH_FRACTION
 
 
 def test_the_workers_ship_uint8_views_and_one_parameter_row_per_view():
