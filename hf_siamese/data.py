@@ -326,7 +326,7 @@ class PretrainingData:
 
     Args:
         dataset: map-style or iterable dataset with an image column.
-        transform: image -> ``{"source": [...], "target": [...]}`` (see :class:`~hf_siamese.views.MultiViewTransform`).
+        transform: image -> its views by argument name (see :class:`~hf_siamese.views.MultiViewTransform`).
         batch_size: per-process batch size; incomplete batches are dropped so that every process steps together.
         pin_memory: pin batches in page-locked memory (for asynchronous copies to a CUDA device).
     """

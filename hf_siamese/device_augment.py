@@ -26,10 +26,9 @@ _COLUMN = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
 _ORDER_COLUMNS = [_COLUMN[f"order_{position}"] for position in range(1, 5)]
 _JITTER_FACTOR_COLUMNS = {BRIGHTNESS: _COLUMN["brightness"], CONTRAST: _COLUMN["contrast"],
                           SATURATION: _COLUMN["saturation"], HUE: _COLUMN["hue"]}
-_JITTER_NO_OPS = {BRIGHTNESS: IDENTITY.brightness, CONTRAST: IDENTITY.contrast, SATURATION: IDENTITY.saturation,
-                  HUE: IDENTITY.hue}  # the host skips a factor at its no-op value (view_params._jitter_pil)
 _LUMA_WEIGHTS = (19595, 38470, 7471)  # Pillow's "L" conversion: ITU-R 601-2 in 16-bit fixed point, rounded
 _MAX_LEVEL = 255
+_CPU_CHUNK_ELEMENTS = 2**20  # values per chunk of views coloured on a CPU (4 MiB of float32)
 
 
 def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: int,
@@ -45,6 +44,16 @@ def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: in
     if params.shape != (views.shape[0], len(PHOTOMETRIC_FIELDS)):
         raise ValueError(f"`params` must be [{views.shape[0]}, {len(PHOTOMETRIC_FIELDS)}], got {tuple(params.shape)}.")
     params = params.to(device=views.device, dtype=torch.float32)
+    if views.device.type != "cpu":
+        return _colour(views, params, kernel_size, mean, std)
+    # On a CPU, every fresh batch-sized tensor costs page faults; chunks of views stay in the allocator's cache.
+    chunk = max(1, _CPU_CHUNK_ELEMENTS // views[0].numel())
+    return torch.cat([_colour(views[start : start + chunk], params[start : start + chunk], kernel_size, mean, std)
+                      for start in range(0, len(views), chunk)])
+
+
+def _colour(views: torch.Tensor, params: torch.Tensor, kernel_size: int, mean, std) -> torch.Tensor:
+    """:func:`apply_photometric` on one batch, in place where it can."""
     images = views.to(torch.float32)  # grey levels, integers after every step as the host's uint8 images
     images = _color_jitter(images, params)
     flagged = {name: params[:, _COLUMN[name]] > 0 for name in ("grayscale", "blur", "solarize")}
@@ -52,28 +61,54 @@ def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: in
     blur = partial(gaussian_blur, kernel_size=kernel_size)
     images = _update_selected(images, flagged["blur"], blur, params[:, _COLUMN["blur_sigma"]])
     images = _update_selected(images, flagged["solarize"], solarize)
-    return normalize(images.mul_(1.0 / _MAX_LEVEL), mean, std)  # as torchvision's ToDtype(float32, scale=True)
+    return normalize(images.mul_(1.0 / _MAX_LEVEL), mean, std)
 
 
 def _update_selected(images: torch.Tensor, selected: torch.Tensor,
                     transform: Callable[..., torch.Tensor], *per_sample: torch.Tensor) -> torch.Tensor:
     """Transform the selected samples in place (with their ``per_sample`` rows): the others cost nothing, stay exact."""
     chosen = selected.nonzero().squeeze(1)
+    if chosen.numel() == len(images):  # every sample: no gather and scatter
+        return transform(images, *per_sample)
     if chosen.numel():
         images[chosen] = transform(images[chosen], *(values[chosen] for values in per_sample))
     return images
 
 
 def _color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """ColorJitter in each sample's order: per position, each operation runs once on the samples that drew it there."""
+    """ColorJitter in each sample's order: at each of the four positions, the enhancers the samples drew there as
+    one blend, then hue on the samples that drew it there."""
     jittered = params[:, _COLUMN["jitter"]] > 0
+    shifts = params[:, _COLUMN["hue"]]
     for order_column in _ORDER_COLUMNS:
-        drawn = params[:, order_column].round().long()
-        for operation, adjust in _JITTER_OPERATIONS.items():
-            factors = params[:, _JITTER_FACTOR_COLUMNS[operation]]  # no-op skipped as on the host: hue 0 would quantise
-            chosen = jittered & (drawn == operation) & (factors != _JITTER_NO_OPS[operation])
-            images = _update_selected(images, chosen, adjust, factors)
+        drawn = torch.where(jittered, params[:, order_column].round(), -1.0)
+        images = _enhance(images, params, drawn)
+        # A zero shift is skipped as on the host: the HSV round trip is not the identity.
+        images = _update_selected(images, (drawn == HUE) & (shifts != IDENTITY.hue), adjust_hue, shifts)
     return images
+
+
+def _enhance(images: torch.Tensor, params: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """PIL's brightness, contrast and saturation enhancers are one blend towards a grey; each sample here blends
+    towards its own enhancer's grey by its own factor (factor 1, for samples that drew hue or no jitter, is exact)."""
+    factors = torch.ones_like(drawn)
+    for operation in (BRIGHTNESS, CONTRAST, SATURATION):
+        factors = torch.where(drawn == operation, params[:, _JITTER_FACTOR_COLUMNS[operation]], factors)
+    if bool((factors == 1).all()):
+        return images
+    return _blend(_enhancer_greys(images, drawn), images, factors)
+
+
+def _enhancer_greys(images: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """Black for brightness (``ImageEnhance.Brightness``), the mean luma rounded to a level for contrast
+    (``Contrast``: ``int(mean + 0.5)`` of ImageStat's double mean), the luma itself for saturation (``Color``)."""
+    if not bool(((drawn == CONTRAST) | (drawn == SATURATION)).any()):
+        return images.new_zeros(())
+    grey = luma(images)
+    mean = grey.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64).div_(grey[0].numel())
+    mean = mean.add_(0.5).floor_().to(images.dtype)
+    contrast = torch.where(_per_sample(drawn == CONTRAST), mean, 0.0)
+    return torch.where(_per_sample(drawn == SATURATION), grey, contrast)
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -85,35 +120,16 @@ def luma(images: torch.Tensor) -> torch.Tensor:
     """Pillow's luma ``[B, 1, H, W]`` in grey levels (its ``convert("L")``), the grey the enhancers blend towards."""
     if images.shape[1] == 1:
         return images
-    weights = torch.tensor(_LUMA_WEIGHTS, dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
-    weighted = (images.to(torch.int32) * weights).sum(dim=1, keepdim=True)
-    return weighted.add_(1 << 15).bitwise_right_shift_(16).to(images.dtype)
+    weighted = (images * images.new_tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    # Pillow's (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16: integers below 2**24, exact in float32.
+    return weighted.add_(1 << 15).mul_(2.0**-16).floor_()
 
 
 def _blend(grey: torch.Tensor, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Pillow's ``Image.blend(grey, image, factor)`` per sample: ``grey + factor * (image - grey)`` in float32,
-    clipped and truncated to a level (``ImageEnhance``'s one formula)."""
+    clipped and truncated to a level (floor, on levels clipped to be non-negative)."""
     blended = (images - grey).mul_(_per_sample(factors)).add_(grey)
-    return blended.clamp_(0, _MAX_LEVEL).trunc_()
-
-
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each sample with black, as PIL's ``ImageEnhance.Brightness``."""
-    return _blend(torch.zeros_like(images), images, factors)
-
-
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each sample with its mean luma rounded to a level, as PIL's ``ImageEnhance.Contrast``."""
-    grey = luma(images)
-    mean = grey.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / grey[0].numel()  # ImageStat's double mean
-    return _blend(mean.add_(0.5).floor_().to(images.dtype), images, factors)
-
-
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each sample with its own luma, as PIL's ``ImageEnhance.Color``; one channel has no colour to change."""
-    if images.shape[1] == 1:
-        return images
-    return _blend(luma(images), images, factors)
+    return blended.clamp_(0, _MAX_LEVEL).floor_()
 
 
 # Pillow's hsv2rgb: which of (v, p, q, t) red, green and blue take in each sixth of the hue circle (i % 6).
@@ -209,10 +225,6 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return pil_hsv_to_rgb(hsv).to(images.dtype)
 
 
-_JITTER_OPERATIONS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,
-                      HUE: adjust_hue}
-
-
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     """Each sample's luma over all its channels, as the host's ``rgb_to_grayscale(num_output_channels=C)``."""
     return luma(images).expand_as(images).clone()
@@ -239,7 +251,9 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
     """Invert levels at or above 128 (``>=`` as torchvision's uint8 ``solarize``): level 128 flips on both paths."""
-    return torch.where(images >= SOLARIZE_THRESHOLD, _MAX_LEVEL - images, images)
+    # On integer levels, x >= 128 exactly when x >= 127.5, and 127.5 - |x - 127.5| is 255 - x there, x below it.
+    middle = SOLARIZE_THRESHOLD - 0.5
+    return images.sub_(middle).abs_().neg_().add_(middle)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -250,12 +264,22 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 def finish_views(batch: dict, config) -> dict:
-    """The model's inputs from a batch shipped with ``augment_on_device``: every view coloured as its parameter
-    row says and normalised, in batch, where the views already are (the accelerator); the rows are dropped."""
+    """The model's inputs from a batch of uint8 views, where the views already are (the accelerator): each view
+    coloured as its parameter row says (``augment_on_device``), then normalised; the rows are dropped. Views
+    that arrive normalised pass through."""
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     finished = {key: value for key, value in batch.items() if key not in (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC)}
     for pixels_name, params_name in ((SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC), (TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC)):
         if params_name in batch:
             finished[pixels_name] = [apply_photometric(views, rows, blur_kernel_size(views.shape[-1]), mean, std)
                                      for views, rows in zip(batch[pixels_name], batch[params_name])]
+        elif pixels_name in batch:
+            finished[pixels_name] = [_normalized_levels(views, mean, std) for views in batch[pixels_name]]
     return finished
+
+
+def _normalized_levels(views: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 views as the host's ToDtype(float32, scale=True) and Normalize give them; float views unchanged."""
+    if views.dtype != torch.uint8:
+        return views
+    return normalize(views.to(torch.float32).mul_(1.0 / _MAX_LEVEL), mean, std)

@@ -131,7 +131,8 @@ def _build_run(config: SiameseConfig, data_args: DataArguments, args: Pretrainin
     model = build_model(config, args, accelerator)
     config = model.config
     raw = load_raw_dataset(data_args)
-    transform = MultiViewTransform.from_config(config, augment_on_device=args.augment_on_device)
+    # uint8 from the workers (a quarter of float32's bytes), normalised on the device by `finish_views`
+    transform = MultiViewTransform.from_config(config, uint8_views=True, augment_on_device=args.augment_on_device)
     source = data_args.source_record(raw)
     logger.info("Pretraining on %s", describe_source(source))
     data = PretrainingData(
@@ -233,9 +234,7 @@ def _loop(run: _Run, resume: ResumePoint, metrics: MetricsLogger, guard: Diverge
             batches = itertools.chain([next(batches)], batches)
     while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
-        batch = views_to_device(batch, accelerator.device, run.args.channels_last)
-        if run.args.augment_on_device:
-            batch = finish_views(batch, run.config)
+        batch = finish_views(views_to_device(batch, accelerator.device, run.args.channels_last), run.config)
         output = training_step(accelerator, run.model, run.optimizer, batch, run.args.max_grad_norm)
         guard.observe(output.loss, step + 1)
         metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)

@@ -121,6 +121,7 @@ class MultiViewTransform:
         global_scale: tuple[float, float] = (0.14, 1.0),
         scalemix_probability: float = 0.0,
         asym_aug: bool = False,
+        uint8_views: bool = False,
         augment_on_device: bool = False,
     ):
         if recipe not in RECIPES:
@@ -129,6 +130,7 @@ class MultiViewTransform:
             raise ValueError(f"`crop_min_scale` ({crop_min_scale}) does not apply with MultiCrop, whose global crops use "
                              f"`multicrop_global_scale` ({list(global_scale)}); set that instead.")
         self.layout, self.augment_on_device = layout, augment_on_device
+        self.uint8_views = uint8_views or augment_on_device
         self.scalemix_probability = scalemix_probability if layout.scalemix else 0.0
         if augment_on_device and self.scalemix_probability:
             raise ValueError("`augment_on_device` does not take ScaleMix (`scalemix`) yet: a mixed view needs both "
@@ -138,7 +140,8 @@ class MultiViewTransform:
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
         global_scale = tuple(global_scale) if layout.num_local else (crop_min, 1.0)
         first, second = RECIPES[recipe]
-        source = _view_maker(num_channels, mean, std, _rand_augment(mean) if asym_aug else None, augment_on_device)
+        finish = [v2.PILToTensor()] if self.uint8_views else _to_normalised_tensor(mean, std)
+        source = _view_maker(num_channels, finish, _rand_augment(mean) if asym_aug else None, augment_on_device)
         self.global_source = [source(first, layout.image_size, global_scale),
                               source(second, layout.image_size, global_scale)]
         self.local_source = source(first, layout.local_size, tuple(local_scale))
@@ -148,8 +151,9 @@ class MultiViewTransform:
             self.global_target = self.global_source
 
     @classmethod
-    def from_config(cls, config, augment_on_device: bool = False) -> "MultiViewTransform":
-        """The config's views; ``augment_on_device``: uint8 views and parameter rows, coloured in batch later."""
+    def from_config(cls, config, uint8_views: bool = False, augment_on_device: bool = False) -> "MultiViewTransform":
+        """The config's views. ``uint8_views``: coloured here, normalised later; ``augment_on_device``: uint8 views
+        with parameter rows, coloured and normalised later (both by :func:`hf_siamese.device_augment.finish_views`)."""
         return cls(
             ViewLayout.from_config(config),
             num_channels=config.num_channels,
@@ -161,6 +165,7 @@ class MultiViewTransform:
             global_scale=config.multicrop_global_scale,
             scalemix_probability=config.scalemix_probability,
             asym_aug=config.asym_aug,
+            uint8_views=uint8_views,
             augment_on_device=augment_on_device,
         )
 
@@ -204,16 +209,16 @@ class MultiViewTransform:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-def _view_maker(num_channels: int, mean, std, rand_augment: Callable | None, augment_on_device: bool) -> Callable:
-    """``make(view, size, scale)``: one view's recipe, its colour steps on the host or drawn for the device; a
-    ``view`` of ``None`` has none (AsymAug's weak target)."""
+def _view_maker(num_channels: int, finish: list, rand_augment: Callable | None, augment_on_device: bool) -> Callable:
+    """``make(view, size, scale)``: one view's recipe, its colour steps on the host (then ``finish``: to a
+    normalised or a uint8 tensor) or drawn for the device; a ``view`` of ``None`` has none (AsymAug's weak target)."""
 
     def make(view: RecipeView | None, size: int, scale) -> ViewRecipe | DeviceSplitView:
         if augment_on_device:
             return DeviceSplitView(size, scale, view, num_channels, None if view is None else rand_augment)
         if view is None:
-            return ViewRecipe(size, scale, v2.Compose(_to_normalised_tensor(mean, std)))
-        return ViewRecipe(size, scale, _photometric(view, size, mean, std, num_channels, rand_augment))
+            return ViewRecipe(size, scale, v2.Compose(finish))
+        return ViewRecipe(size, scale, _photometric(view, size, finish, num_channels, rand_augment))
 
     return make
 
@@ -251,7 +256,7 @@ def _rand_augment(mean) -> Callable:
     return rand_augment_transform(RAND_AUGMENT, {"translate_const": 100, "img_mean": fill})
 
 
-def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) -> v2.Compose:
+def _photometric(view: RecipeView, size, finish: list, num_channels, rand_augment) -> v2.Compose:
     """The colour and blur steps of a recipe, applied after the crop and flip (``ViewRecipe``)."""
     brightness, contrast, saturation, hue = view.color_jitter
     if num_channels == 1:
@@ -264,7 +269,7 @@ def _photometric(view: RecipeView, size, mean, std, num_channels, rand_augment) 
         v2.RandomApply([SeparableGaussianBlur(blur_kernel_size(size), sigma=view.blur_sigma)], p=view.blur_probability),
         v2.RandomSolarize(threshold=128, p=view.solarize_probability),
     ]
-    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+    return v2.Compose(steps + finish)
 
 
 def eval_transform(image_size: int, num_channels: int, image_mean=None, image_std=None,

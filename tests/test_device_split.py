@@ -82,3 +82,29 @@ def test_the_workers_ship_uint8_views_and_one_parameter_row_per_view():
 def test_scalemix_keeps_its_colour_steps_on_the_host():
     with pytest.raises(ValueError, match="`augment_on_device` does not take ScaleMix"):
         MultiViewTransform.from_config(tiny_config("byol", scalemix=True), augment_on_device=True)
+
+
+UINT8_DESIGNS = {**DESIGNS, "scalemix": ("byol", {"scalemix": True, "scalemix_probability": 1.0})}
+
+
+@pytest.mark.parametrize("design", list(UINT8_DESIGNS))
+def test_uint8_views_normalised_on_the_device_are_the_host_views(design):
+    """Without the device's colour steps, views travel as uint8 and ``finish_views`` only normalises: the same
+    tensors as the host's float views, for every design (ScaleMix's mix and AsymAug's RandAugment included)."""
+    framework, fields = UINT8_DESIGNS[design]
+    config = tiny_config(framework, **fields)
+    images = photographs(8, "L" if config.num_channels == 1 else "RGB")
+    host = views_of(MultiViewTransform.from_config(config), images)
+    shipped = views_of(MultiViewTransform.from_config(config, uint8_views=True), images)
+    assert all(view.dtype == torch.uint8 for name in shipped if name.endswith("pixel_values") for view in shipped[name])
+    finished = finish_views(shipped, config)
+    assert list(finished) == list(host)
+    for name in host:
+        assert all(torch.equal(actual, expected) for actual, expected in zip(finished[name], host[name])), name
+
+
+def test_float_views_pass_through_finish_views_unchanged():
+    config = tiny_config("byol")
+    host = views_of(MultiViewTransform.from_config(config), photographs(2, "RGB"))
+    finished = finish_views(host, config)
+    assert all(actual is expected for name in host for actual, expected in zip(finished[name], host[name]))

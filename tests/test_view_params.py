@@ -50,7 +50,7 @@ def seeded(seed: int, draw):
 def test_drawn_photometric_equals_todays_pipeline(recipe, index, mode):
     view, num_channels = RECIPES[recipe][index], len(mode)
     mean, std = channel_stats(num_channels, None, None)
-    today = _photometric(view, SIZE, mean, std, num_channels, None)
+    today = _photometric(view, SIZE, _to_normalised_tensor(mean, std), num_channels, None)
     normalise = v2.Compose(_to_normalised_tensor(mean, std))
     image = noise_image(mode)
     drawn = []
