@@ -43,7 +43,8 @@ on the 2 source views, crop + flip + normalise on the 2 targets).
 * ``lightly``: lightly's transform for the recipe (``MoCoV2Transform``, ``BYOLTransform``, ``SwaVTransform`` with
   MoCo v2's colour settings for MultiCrop, lightly's ``MultiViewTransform`` of three MoCo v2 views for MeanEnc); a
   line with null measurements and the reason where lightly has none (ScaleMix, AsymAug).
-* ``host``: hf_siamese's ``MultiViewTransform`` with ``hf_siamese.views.collate_views``.
+* ``host``: hf_siamese's ``MultiViewTransform`` as training uses it: views coloured in the workers, shipped as
+  uint8 and normalised in the main process (``finish_views``, timed apart as ``device_side_cpu_ms_per_image``).
 * ``device_split``: hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw each
   view's parameters (``host_ms_per_image`` is this host side alone); the colour steps and normalisation
   (``finish_views``) then run on each batch in the main process, on the CPU, timed apart
@@ -216,8 +217,11 @@ class Unavailable(Exception):
 
 
 def host_pipeline(recipe: str) -> Pipeline:
+    """hf_siamese as training runs it without the split: views coloured in the workers, shipped as uint8 and
+    normalised (``finish_views``) in the main process, here on the CPU."""
     config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
-    return Pipeline(MultiViewTransform.from_config(config), _collate_samples)
+    transform = MultiViewTransform.from_config(config, uint8_views=True)
+    return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,21 +501,27 @@ def recorded_cases(path: Path) -> set[tuple]:
 def report(path: str) -> str:
     """The docs/benchmarks.md table of a results file: recipe x pipeline x workers."""
     rows = ["| recipe | pipeline | workers | views | host CPU ms / image | images/s per core | images/s "
-            "| official / this (host CPU, median of paired repeats) | interval (coverage) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| official / this (host CPU, median of paired repeats) | interval (coverage) "
+            "| device side on the CPU, ms / image | host + device side, ms / image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines = [json.loads(line) for line in open(path) if line.startswith("{")]
     order = {name: i for i, name in enumerate([*RECIPES, *PIPELINES])}
     for r in sorted(lines, key=lambda r: (order[r["recipe"]], r["workers"], order[r["pipeline"]])):
         if r["host_ms_per_image"] is None:
             rows.append(f"| {r['recipe']} | {r['pipeline']} | {r['workers']} | - | - | - | - "
-                        f"| - ({r['skipped']}) | - |")
+                        f"| - ({r['skipped']}) | - | - | - |")
             continue
         interval = r["ratio_interval"]
         shown = f"{interval[0]:.3f} - {interval[1]:.3f} ({r['ratio_interval_coverage']:.0%})" if interval else "-"
         rows.append(f"| {r['recipe']} | {r['pipeline']} | {r['workers']} | {r['views_per_image']} | "
                     f"{r['host_ms_per_image']:.2f} | {r['images_per_s_per_core']:.1f} | {r['images_per_s']:.1f} | "
-                    f"{r['ratio_to_official']:.3f} | {shown} |")
+                    f"{r['ratio_to_official']:.3f} | {shown} | {_shown_ms(r, 'device_side_cpu_ms_per_image')} "
+                    f"| {_shown_ms(r, 'host_and_device_cpu_ms_per_image')} |")
     return "\n".join(rows)
+
+
+def _shown_ms(line: dict, key: str) -> str:
+    return f"{line[key]:.2f}" if line.get(key) is not None else "-"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
