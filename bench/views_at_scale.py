@@ -48,7 +48,8 @@ on the 2 source views, crop + flip + normalise on the 2 targets).
 * ``device_split``: hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw each
   view's parameters (``host_ms_per_image`` is this host side alone); the colour steps and normalisation
   (``finish_views``) then run on each batch in the main process, on the CPU, timed apart
-  (``device_side_cpu_ms_per_image``, and ``host_and_device_cpu_ms_per_image``). ScaleMix has no such form.
+  (``device_side_cpu_ms_per_image``, and ``host_and_device_cpu_ms_per_image``); ScaleMix's partners are coloured
+  there too and then pasted.
 
 **Host CPU time** is user + system time of all threads of a process: the main process's over the epoch
 (``time.process_time``, from before its DataLoader iterator starts to the arrival of the epoch's last batch), plus
@@ -338,8 +339,6 @@ def device_split_pipeline(recipe: str) -> Pipeline:
     """hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw the parameters;
     the colour steps and normalisation (``finish_views``) run in batch in the main process, here on the CPU."""
     config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
-    if config.scalemix:
-        raise Unavailable("ScaleMix keeps its colour steps on the host (augment_on_device refuses it)")
     transform = MultiViewTransform.from_config(config, augment_on_device=True)
     return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
 

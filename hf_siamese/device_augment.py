@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, PHOTOMETRIC_FIELDS, SATURATION
 from .recipes import blur_kernel_size
 from .view_params import SOLARIZE_THRESHOLD
-from .view_layout import SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES
+from .view_layout import (
+    SOURCE_MIX_BOX, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_PIXEL_VALUES, SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES,
+    TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES,
+)
 from .views import channel_stats
 
 _COLUMN = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
@@ -265,17 +268,42 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 def finish_views(batch: dict, config) -> dict:
     """The model's inputs from a batch of uint8 views, where the views already are (the accelerator): each view
-    coloured as its parameter row says (``augment_on_device``), then normalised; the rows are dropped. Views
-    that arrive normalised pass through."""
+    coloured as its parameter row says (``augment_on_device``; ScaleMix's partners too, then pasted), then
+    normalised; what only travelled with the views is dropped. Views that arrive normalised pass through."""
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
-    finished = {key: value for key, value in batch.items() if key not in (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC)}
-    for pixels_name, params_name in ((SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC), (TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC)):
+    finished = {key: value for key, value in batch.items() if key not in _SHIPPED_ONLY}
+    for pixels_name, params_name in ((SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC), (TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC),
+                                     (SOURCE_MIX_PIXEL_VALUES, SOURCE_MIX_PHOTOMETRIC)):
         if params_name in batch:
             finished[pixels_name] = [apply_photometric(views, rows, blur_kernel_size(views.shape[-1]), mean, std)
                                      for views, rows in zip(batch[pixels_name], batch[params_name])]
         elif pixels_name in batch:
             finished[pixels_name] = [_normalized_levels(views, mean, std) for views in batch[pixels_name]]
+    if SOURCE_MIX_BOX in batch:
+        finished[SOURCE_PIXEL_VALUES] = _scale_mixed(finished[SOURCE_PIXEL_VALUES],
+                                                     finished.pop(SOURCE_MIX_PIXEL_VALUES), batch[SOURCE_MIX_BOX])
     return finished
+
+
+_SHIPPED_ONLY = (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_BOX)
+
+
+def _scale_mixed(views: list[torch.Tensor], partners: list[torch.Tensor], boxes: list[torch.Tensor]) -> list:
+    """The global source views (the first ``len(partners)``) with their partners' boxes pasted in; the rest as are."""
+    return [paste_boxes(view, partner, box) for view, partner, box in zip(views, partners, boxes)] + \
+        views[len(partners):]
+
+
+def paste_boxes(views: torch.Tensor, partners: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each sample's ``(top, bottom, left, right)`` box of its partner pasted into its view, as
+    :func:`hf_siamese.views.scale_mix` pastes one."""
+    boxes = boxes.to(views.device).view(-1, 4, 1)
+    rows = torch.arange(views.shape[-2], device=views.device)
+    columns = torch.arange(views.shape[-1], device=views.device)
+    inside_rows = (rows >= boxes[:, 0]) & (rows < boxes[:, 1])  # [B, H]
+    inside_columns = (columns >= boxes[:, 2]) & (columns < boxes[:, 3])  # [B, W]
+    inside = (inside_rows.unsqueeze(2) & inside_columns.unsqueeze(1)).unsqueeze(1)  # [B, 1, H, W]
+    return torch.where(inside, partners, views)
 
 
 def _normalized_levels(views: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

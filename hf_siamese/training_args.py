@@ -51,7 +51,7 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Colour jitter, grayscale, blur, solarize and normalisation of the views in batch on the "
                           "accelerator (the CPU without one): the DataLoader workers only decode, crop and flip to "
-                          "uint8 and draw each view's parameters. Not with ScaleMix."},
+                          "uint8 and draw each view's parameters. The views are the host's, bit for bit."},
     )
     torch_compile: bool = field(
         default=False,

@@ -22,6 +22,11 @@ TARGET_GEOMETRY = "target_geometry"
 # With the colour steps on the accelerator: each view's photometric parameter row, beside its uint8 pixels.
 SOURCE_PHOTOMETRIC = "source_photometric"
 TARGET_PHOTOMETRIC = "target_photometric"
+# ScaleMix with the colour steps on the accelerator: each global source view's partner (uint8 pixels and parameter
+# row) and the box of it pasted into the view, (top, bottom, left, right); an empty box where the view is not mixed.
+SOURCE_MIX_PIXEL_VALUES = "source_mix_pixel_values"
+SOURCE_MIX_PHOTOMETRIC = "source_mix_photometric"
+SOURCE_MIX_BOX = "source_mix_box"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from torchvision.transforms import v2
 from .recipes import RECIPE_CROP_MIN, RECIPES, RecipeView, blur_kernel_size
 from .photometric_params import IDENTITY
 from .view_layout import (
-    SOURCE_GEOMETRY, SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES,
-    ViewLayout,
+    SOURCE_GEOMETRY, SOURCE_MIX_BOX, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_PIXEL_VALUES, SOURCE_PHOTOMETRIC,
+    SOURCE_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES, ViewLayout,
 )
 from .view_params import SeparableGaussianBlur, crop_pil, draw_crop, draw_photometric
 
@@ -33,27 +33,33 @@ RAND_AUGMENT = "rand-m10-n2-mstd0.5"  # Asym-Siam's AsymAug source policy
 EVAL_CROP_PCT = 0.875  # the ImageNet evaluation view: short side to size / 0.875 (256 for 224), centre crop
 
 
+NO_MIX_BOX = (0, 0, 0, 0)  # an empty (top, bottom, left, right) box: nothing pasted
+
+
 def scale_mix(
     a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """ScaleMix (Wang et al. 2022, Sec. 4.2): paste a CutMix box of ``b`` into ``a``.
+    """ScaleMix (Wang et al. 2022, Sec. 4.2): paste a CutMix box of ``b`` into ``a`` (:func:`draw_scale_mix_box`).
 
-    ``lambda ~ U(0, 1)``; the box is ``floor(H sqrt(1 - lambda)) x floor(W sqrt(1 - lambda))`` around a centre
-    drawn uniformly over the image, clipped at the border. Because of the clipping the mean pasted fraction is
-    about 0.32, not 0.5. Works on ``[..., H, W]`` tensors (one box for all leading dims), normalised or not.
+    Works on ``[..., H, W]`` tensors (one box for all leading dims), normalised or not.
     """
     if a.shape != b.shape:
         raise ValueError(f"scale_mix needs views of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    height, width = a.shape[-2:]
+    top, bottom, left, right = draw_scale_mix_box(*a.shape[-2:], generator=generator)
+    mixed = a.clone()
+    mixed[..., top:bottom, left:right] = b[..., top:bottom, left:right]
+    return mixed
+
+
+def draw_scale_mix_box(height: int, width: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """ScaleMix's box, ``(top, bottom, left, right)``: ``lambda ~ U(0, 1)``, ``floor(H sqrt(1 - lambda)) x
+    floor(W sqrt(1 - lambda))`` around a centre drawn uniformly over the image, clipped at the border. Because of
+    the clipping the mean pasted fraction is about 0.32, not 0.5."""
     lam, centre_y, centre_x = torch.rand(3, generator=generator).tolist()
     cut = math.sqrt(1.0 - lam)
     box_h, box_w = math.floor(height * cut), math.floor(width * cut)
     cy, cx = int(centre_y * height), int(centre_x * width)
-    top, bottom = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
-    left, right = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
-    mixed = a.clone()
-    mixed[..., top:bottom, left:right] = b[..., top:bottom, left:right]
-    return mixed
+    return max(cy - box_h // 2, 0), min(cy + box_h // 2, height), max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
 
 
 def image_mode(num_channels: int) -> str:
@@ -91,14 +97,37 @@ class DeviceSplitView:
         self.size, self.scale, self.view = size, tuple(scale), view
         self.num_channels, self.rand_augment = num_channels, rand_augment
 
-    def with_geometry(self, image: Image.Image) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``((uint8 view, parameter row), geometry)``; a view without colour steps gets the identity row."""
+    def with_geometry(self, image: Image.Image) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({"pixel_values": uint8 view, "photometric": parameter row}, geometry)``; a view without colour steps
+        gets the identity row."""
         crop = draw_crop((image.height, image.width), self.size, self.scale)
         view = crop_pil(image, crop.box, crop.flipped, self.size)
         if self.rand_augment is not None:
             view = self.rand_augment(view)
         params = draw_photometric(self.view, self.num_channels) if self.view is not None else IDENTITY
-        return (v2.functional.pil_to_tensor(view), torch.tensor(params.as_row())), crop.geometry
+        return {"pixel_values": v2.functional.pil_to_tensor(view), "photometric": torch.tensor(params.as_row())}, \
+            crop.geometry
+
+    def mix_partner(self, image: Image.Image | None, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ScaleMix's second view of ``image`` and the box of it to paste, drawn as :func:`scale_mix` draws them;
+        with ``image=None`` (no mix) an empty box over a blank view, so that every sample ships the same parts."""
+        if image is None:
+            partner = {"pixel_values": torch.zeros_like(like), "photometric": torch.tensor(IDENTITY.as_row())}
+            box = NO_MIX_BOX
+        else:
+            partner = self.with_geometry(image)[0]
+            box = draw_scale_mix_box(*like.shape[-2:])
+        return {"mix_pixel_values": partner["pixel_values"], "mix_photometric": partner["photometric"],
+                "mix_box": torch.tensor(box)}
+
+
+_ARGUMENT_NAMES = {
+    ("source", "pixel_values"): SOURCE_PIXEL_VALUES, ("source", "geometry"): SOURCE_GEOMETRY,
+    ("source", "photometric"): SOURCE_PHOTOMETRIC, ("source", "mix_pixel_values"): SOURCE_MIX_PIXEL_VALUES,
+    ("source", "mix_photometric"): SOURCE_MIX_PHOTOMETRIC, ("source", "mix_box"): SOURCE_MIX_BOX,
+    ("target", "pixel_values"): TARGET_PIXEL_VALUES, ("target", "geometry"): TARGET_GEOMETRY,
+    ("target", "photometric"): TARGET_PHOTOMETRIC,
+}
 
 
 class MultiViewTransform:
@@ -132,9 +161,6 @@ class MultiViewTransform:
         self.layout, self.augment_on_device = layout, augment_on_device
         self.uint8_views = uint8_views or augment_on_device
         self.scalemix_probability = scalemix_probability if layout.scalemix else 0.0
-        if augment_on_device and self.scalemix_probability:
-            raise ValueError("`augment_on_device` does not take ScaleMix (`scalemix`) yet: a mixed view needs both "
-                             "views' colour steps before the mix. Keep the colour steps on the host for ScaleMix.")
         self.mode = image_mode(num_channels)
         mean, std = channel_stats(num_channels, image_mean, image_std)
         crop_min = crop_min_scale if crop_min_scale is not None else RECIPE_CROP_MIN[recipe]
@@ -182,26 +208,25 @@ class MultiViewTransform:
         return self._named(source, target)
 
     def _named(self, source: list[tuple], target: list[tuple]) -> dict[str, list[torch.Tensor]]:
-        """The views (their crop geometry with the dense term, their parameter rows when coloured on the device)
-        under the model's argument names."""
-        branches = [(SOURCE_PIXEL_VALUES, SOURCE_GEOMETRY, SOURCE_PHOTOMETRIC, source),
-                    (TARGET_PIXEL_VALUES, TARGET_GEOMETRY, TARGET_PHOTOMETRIC, target)]
+        """The views (their crop geometry with the dense term; their parameter rows and ScaleMix partners when
+        coloured on the device) under the model's argument names."""
         views = {}
-        for pixels_name, geometry_name, params_name, drawn in branches:
-            if not drawn:
-                continue
-            pixels = [view for view, _ in drawn]
-            if self.augment_on_device:
-                pixels, views[params_name] = [view for view, _ in pixels], [row for _, row in pixels]
-            views[pixels_name] = pixels
-            if self.layout.geometry:
-                views[geometry_name] = [geometry for _, geometry in drawn]
+        for branch, drawn in (("source", source), ("target", target)):
+            parts = [{**(view if isinstance(view, dict) else {"pixel_values": view}),
+                      **({"geometry": geometry} if self.layout.geometry else {})} for view, geometry in drawn]
+            for part in dict.fromkeys(name for view in parts for name in view):  # first-seen order
+                views[_ARGUMENT_NAMES[branch, part]] = [view[part] for view in parts if part in view]
         return views
 
-    def _maybe_scale_mix(self, view: torch.Tensor, recipe: Callable, image: Image.Image) -> torch.Tensor:
-        if self.scalemix_probability and torch.rand(()) < self.scalemix_probability:
-            return scale_mix(view, recipe(image))
-        return view
+    def _maybe_scale_mix(self, view, recipe: ViewRecipe | DeviceSplitView, image: Image.Image):
+        """The view mixed with a second view of the image (ScaleMix), or, with the colour steps on the device, the
+        view with its partner and box for :func:`~hf_siamese.device_augment.finish_views` to mix."""
+        if not self.scalemix_probability:
+            return view
+        mixed = bool(torch.rand(()) < self.scalemix_probability)
+        if self.augment_on_device:
+            return {**view, **recipe.mix_partner(image if mixed else None, like=view["pixel_values"])}
+        return scale_mix(view, recipe(image)) if mixed else view
 
     def _as_pil(self, image: Image.Image | torch.Tensor) -> Image.Image:
         if isinstance(image, torch.Tensor):

@@ -21,6 +21,7 @@ DESIGNS = {
     "multicrop": ("moco", {"multicrop": True, "multicrop_num_local": 3, "multicrop_local_size": 16}),
     "meanenc": ("moco", {"mean_encoding": True, "mean_encoding_views": 2}),
     "asymaug": ("byol", {"asym_aug": True}),
+    "scalemix": ("byol", {"scalemix": True, "scalemix_probability": 0.5}),  # mixed and unmixed views
 }
 # The device reproduces PIL's arithmetic step for step (tests/test_device_augment.py); the blur's float sums may
 # round apart: on these 16 images per design, at most this fraction of the values one grey level off.
@@ -79,12 +80,19 @@ def test_the_workers_ship_uint8_views_and_one_parameter_row_per_view():
     assert all(view.dtype == torch.float32 for view in finished["source_pixel_values"])
 
 
-def test_scalemix_keeps_its_colour_steps_on_the_host():
-    with pytest.raises(ValueError, match="`augment_on_device` does not take ScaleMix"):
-        MultiViewTransform.from_config(tiny_config("byol", scalemix=True), augment_on_device=True)
+def test_scalemix_ships_each_global_source_views_partner_and_box():
+    config = tiny_config("byol", scalemix=True, scalemix_probability=0.5)
+    shipped = views_of(MultiViewTransform.from_config(config, augment_on_device=True), photographs(8, "RGB"))
+    partners, boxes = shipped["source_mix_pixel_values"], shipped["source_mix_box"]
+    assert len(partners) == len(boxes) == len(shipped["source_pixel_values"]) == 2
+    empty = torch.stack([(box[:, 1] <= box[:, 0]) | (box[:, 3] <= box[:, 2]) for box in boxes])
+    assert empty.any() and not empty.all()  # probability 0.5: some views mixed, some not
+    assert all(partner.dtype == torch.uint8 and partner.shape == view.shape
+               for partner, view in zip(partners, shipped["source_pixel_values"]))
+    assert set(finish_views(shipped, config)) == {"source_pixel_values", "target_pixel_values"}
 
 
-UINT8_DESIGNS = {**DESIGNS, "scalemix": ("byol", {"scalemix": True, "scalemix_probability": 1.0})}
+UINT8_DESIGNS = {**DESIGNS, "scalemix_always": ("byol", {"scalemix": True, "scalemix_probability": 1.0})}
 
 
 @pytest.mark.parametrize("design", list(UINT8_DESIGNS))

@@ -108,7 +108,8 @@ ASYMMETRIC_VIEWS = ["--scalemix", "true", "--asym_aug", "true"]
 SMALL_GRAY_TRACK = ["--augmentation", "small_gray", "--small_image_stem", "true", "--num_channels", "1",
                     "--image_size", "28"]
 # The colour steps on the device: their parameters drawn in the workers must replay too.
-DEVICE_SPLIT = ["--augment_on_device", "true", "--asym_aug", "true", "--mean_encoding", "true"]
+DEVICE_SPLIT = ["--augment_on_device", "true", "--asym_aug", "true", "--mean_encoding", "true", "--scalemix", "true",
+                "--scalemix_probability", "0.5"]
 
 
 @pytest.mark.parametrize("streaming,views", [("true", ASYMMETRIC_VIEWS), ("false", ASYMMETRIC_VIEWS),
