@@ -135,6 +135,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parquet_files, tm
         assert torch.equal(expected[key], actual[key]), key
 
 
+@pytest.mark.parametrize("views", [["--framework", "byol"], ["--framework", "moco", "--queue_size", "64",
+                                                                "--multicrop", "true", "--multicrop_local_size", "16"]],
+                         ids=["byol", "moco_multicrop"])
+def test_the_device_split_trains_the_same_loss_curve(parquet_files, tmp_path, views):
+    """The device colours the host's views bit for bit (up to a rare blur rounding), so one seed gives one curve."""
+    args = ["--max_steps", "4", "--deterministic", "true", *views]
+    for name, on_device in (("host", "false"), ("split", "true")):
+        run(common_args(parquet_files, tmp_path / name, *args, "--augment_on_device", on_device))
+    curves = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("host", "split")]
+    assert len(curves[0]) == 4 and curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
 def test_replaying_the_batches_before_a_checkpoint_is_off_the_clock(parquet_files, tmp_path, monkeypatch):
     args = ["--framework", "simsiam", "--max_steps", "3", "--checkpointing_steps", "2"]
     run(common_args(parquet_files, tmp_path, *args))
