@@ -6,7 +6,7 @@ crop and flip are applied there too, the colour steps either there or in batch o
 ``PHOTOMETRIC_FIELDS`` floats per view travels beside its uint8 pixels. Torch-free.
 """
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 # ColorJitter's operations, numbered as torchvision numbers them in its random order (``fn_idx``).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -29,8 +29,8 @@ class PhotometricParams:
 
     def as_row(self) -> list[float]:
         """The parameters as one row of floats, in ``PHOTOMETRIC_FIELDS`` order (``order`` spread over 4 columns)."""
-        values = astuple(self)
-        return [*values[:5], *values[5], *values[6:]]
+        return [self.jitter, self.brightness, self.contrast, self.saturation, self.hue, *self.order, self.grayscale,
+                self.blur, self.blur_sigma, self.solarize]  # not astuple, which deep-copies every field
 
     @classmethod
     def from_row(cls, row) -> "PhotometricParams":
