@@ -21,7 +21,7 @@ from .recipes import blur_kernel_size
 from .view_params import SOLARIZE_THRESHOLD
 from .view_layout import (
     SOURCE_MIX_BOX, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_PIXEL_VALUES, SOURCE_PHOTOMETRIC, SOURCE_PIXEL_VALUES,
-    TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES,
+    TARGET_PHOTOMETRIC, TARGET_PIXEL_VALUES, ViewLayout,
 )
 from .views import channel_stats
 
@@ -272,20 +272,30 @@ def finish_views(batch: dict, config) -> dict:
     normalised; what only travelled with the views is dropped. Views that arrive normalised pass through."""
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     finished = {key: value for key, value in batch.items() if key not in _SHIPPED_ONLY}
-    for pixels_name, params_name in ((SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC), (TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC),
-                                     (SOURCE_MIX_PIXEL_VALUES, SOURCE_MIX_PHOTOMETRIC)):
-        if params_name in batch:
-            finished[pixels_name] = [apply_photometric(views, rows, blur_kernel_size(views.shape[-1]), mean, std)
-                                     for views, rows in zip(batch[pixels_name], batch[params_name])]
-        elif pixels_name in batch:
-            finished[pixels_name] = [_normalized_levels(views, mean, std) for views in batch[pixels_name]]
-    if SOURCE_MIX_BOX in batch:
-        finished[SOURCE_PIXEL_VALUES] = _scale_mixed(finished[SOURCE_PIXEL_VALUES],
-                                                     finished.pop(SOURCE_MIX_PIXEL_VALUES), batch[SOURCE_MIX_BOX])
+    if TARGET_PIXEL_VALUES in batch:
+        finished[TARGET_PIXEL_VALUES] = _finished(batch, TARGET_PIXEL_VALUES, TARGET_PHOTOMETRIC, mean, std)
+    if SOURCE_MIX_BOX not in batch:
+        finished[SOURCE_PIXEL_VALUES] = _finished(batch, SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC, mean, std)
+        return finished
+    # ScaleMix on the device: where the targets are the unmixed global source views, those are coloured once.
+    unmixed = finished.get(TARGET_PIXEL_VALUES, []) if ViewLayout.from_config(config).shares_global_views else []
+    source = unmixed + _finished(batch, SOURCE_PIXEL_VALUES, SOURCE_PHOTOMETRIC, mean, std, skip=len(unmixed))
+    partners = _finished(batch, SOURCE_MIX_PIXEL_VALUES, SOURCE_MIX_PHOTOMETRIC, mean, std)
+    finished[SOURCE_PIXEL_VALUES] = _scale_mixed(source, partners, batch[SOURCE_MIX_BOX])
     return finished
 
 
-_SHIPPED_ONLY = (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_BOX)
+def _finished(batch: dict, pixels_name: str, params_name: str, mean, std, skip: int = 0) -> list[torch.Tensor]:
+    """The views under ``pixels_name`` from position ``skip`` on: coloured by their rows where rows came with them,
+    normalised."""
+    views = batch[pixels_name][skip:]
+    if params_name not in batch:
+        return [_normalized_levels(view, mean, std) for view in views]
+    return [apply_photometric(view, rows, blur_kernel_size(view.shape[-1]), mean, std)
+            for view, rows in zip(views, batch[params_name][skip:])]
+
+
+_SHIPPED_ONLY = (SOURCE_PHOTOMETRIC, TARGET_PHOTOMETRIC, SOURCE_MIX_PIXEL_VALUES, SOURCE_MIX_PHOTOMETRIC, SOURCE_MIX_BOX)
 
 
 def _scale_mixed(views: list[torch.Tensor], partners: list[torch.Tensor], boxes: list[torch.Tensor]) -> list:
