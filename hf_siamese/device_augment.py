@@ -27,8 +27,8 @@ from .views import channel_stats
 
 _COLUMN = {name: index for index, name in enumerate(PHOTOMETRIC_FIELDS)}
 _ORDER_COLUMNS = [_COLUMN[f"order_{position}"] for position in range(1, 5)]
-_JITTER_FACTOR_COLUMNS = {BRIGHTNESS: _COLUMN["brightness"], CONTRAST: _COLUMN["contrast"],
-                          SATURATION: _COLUMN["saturation"], HUE: _COLUMN["hue"]}
+_ENHANCER_COLUMNS = {BRIGHTNESS: _COLUMN["brightness"], CONTRAST: _COLUMN["contrast"],
+                     SATURATION: _COLUMN["saturation"]}
 _LUMA_WEIGHTS = (19595, 38470, 7471)  # Pillow's "L" conversion: ITU-R 601-2 in 16-bit fixed point, rounded
 _MAX_LEVEL = 255
 _CPU_CHUNK_ELEMENTS = 2**20  # values per chunk of views coloured on a CPU (4 MiB of float32)
@@ -95,8 +95,8 @@ def _enhance(images: torch.Tensor, params: torch.Tensor, drawn: torch.Tensor) ->
     """PIL's brightness, contrast and saturation enhancers are one blend towards a grey; each sample here blends
     towards its own enhancer's grey by its own factor (factor 1, for samples that drew hue or no jitter, is exact)."""
     factors = torch.ones_like(drawn)
-    for operation in (BRIGHTNESS, CONTRAST, SATURATION):
-        factors = torch.where(drawn == operation, params[:, _JITTER_FACTOR_COLUMNS[operation]], factors)
+    for operation, column in _ENHANCER_COLUMNS.items():
+        factors = torch.where(drawn == operation, params[:, column], factors)
     if bool((factors == 1).all()):
         return images
     return _blend(_enhancer_greys(images, drawn), images, factors)
