@@ -220,8 +220,13 @@ class Unavailable(Exception):
 def host_pipeline(recipe: str) -> Pipeline:
     """hf_siamese as training runs it without the split: views coloured in the workers, shipped as uint8 and
     normalised (``finish_views``) in the main process, here on the CPU."""
+    return _library_pipeline(recipe, uint8_views=True)
+
+
+def _library_pipeline(recipe: str, **transform_options) -> Pipeline:
+    """The recipe's ``MultiViewTransform`` in the workers, ``finish_views`` on each batch in the main process."""
     config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
-    transform = MultiViewTransform.from_config(config, uint8_views=True)
+    transform = MultiViewTransform.from_config(config, **transform_options)
     return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
 
 
@@ -338,9 +343,7 @@ def lightly_pipeline(recipe: str) -> Pipeline:
 def device_split_pipeline(recipe: str) -> Pipeline:
     """hf_siamese with ``augment_on_device``: the workers decode, crop and flip to uint8 and draw the parameters;
     the colour steps and normalisation (``finish_views``) run in batch in the main process, here on the CPU."""
-    config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
-    transform = MultiViewTransform.from_config(config, augment_on_device=True)
-    return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
+    return _library_pipeline(recipe, augment_on_device=True)
 
 
 PIPELINES = {"official": official_pipeline, "lightly": lightly_pipeline, "host": host_pipeline,
