@@ -59,11 +59,6 @@ def crop_pil(image: Image.Image, box, flipped: bool, size: int) -> Image.Image:
     return v2.functional.horizontal_flip(view) if flipped else view
 
 
-def crop_to_uint8(image: Image.Image, box, flipped: bool, size: int) -> torch.Tensor:
-    """The cropped view as the uint8 ``[C, size, size]`` tensor that travels to the accelerator."""
-    return v2.functional.pil_to_tensor(crop_pil(image, box, flipped, size))
-
-
 def draw_photometric(view: RecipeView, num_channels: int) -> PhotometricParams:
     """The parameters ``views._photometric(view, ...)`` (without RandAugment) draws, consuming the same draws.
 

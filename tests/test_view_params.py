@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from hf_siamese.photometric_params import IDENTITY, PhotometricParams
 from hf_siamese.recipes import RECIPES
 from hf_siamese.view_params import (
-    JITTER_PROBABILITY, apply_photometric_pil, crop_to_uint8, draw_crop, draw_photometric,
+    JITTER_PROBABILITY, apply_photometric_pil, crop_pil, draw_crop, draw_photometric,
 )
 from hf_siamese.recipes import blur_kernel_size
 from hf_siamese.views import ViewRecipe, _photometric, _to_normalised_tensor, channel_stats
@@ -82,7 +82,7 @@ def test_drawn_crop_equals_with_geometry(mode, width, height, scale):
         crop, state_after_explicit = seeded(seed, lambda: draw_crop((height, width), SIZE, scale))
         assert torch.equal(crop.geometry, expected_geometry)
         assert torch.equal(state_after_explicit, state_after_today)
-        pixels = crop_to_uint8(image, crop.box, crop.flipped, crop.size)
+        pixels = v2.functional.pil_to_tensor(crop_pil(image, crop.box, crop.flipped, crop.size))  # as DeviceSplitView
         assert pixels.dtype == torch.uint8 and pixels.shape == (len(mode), SIZE, SIZE)
         assert torch.equal(pixels, expected_view)
         flips.add(crop.flipped)
