@@ -6,14 +6,14 @@ accelerator pipeline needs them as numbers first. The draws here mirror torchvis
 ``RandomApply(GaussianBlur)``, ``RandomSolarize``), so that seeded views stay the same pixel for pixel.
 """
 
-import dataclasses
+import math
 from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms import v2
 
 from .photometric_params import BRIGHTNESS, CONTRAST, HUE, IDENTITY, SATURATION, PhotometricParams
 from .recipes import RecipeView
@@ -41,16 +41,48 @@ class Crop(NamedTuple):
 
 
 def draw_crop(image_size: tuple[int, int], size: int, scale, ratio=(3 / 4, 4 / 3)) -> Crop:
-    """The crop and flip ``ViewRecipe.with_geometry`` draws for an image of ``image_size`` = (height, width).
-
-    The drawing needs only the image's dimensions; an empty tensor of that shape stands in for the image, so the
-    draws are ``RandomResizedCrop.get_params``' own (up to ten tries, then a central fallback).
-    """
+    """The crop and flip ``v2.RandomResizedCrop`` then ``v2.RandomHorizontalFlip`` draw for an image of
+    ``image_size`` = (height, width): the same calls on the global generator, so the same boxes and RNG state."""
     height, width = image_size
-    top, left, crop_height, crop_width = RandomResizedCrop.get_params(torch.empty(0, height, width), scale, ratio)
-    flipped = bool(torch.rand(()) < FLIP_PROBABILITY)
+    top, left, crop_height, crop_width = _crop_box(height, width, scale, tuple(ratio))
+    flipped = _coin(FLIP_PROBABILITY)
     geometry = torch.tensor([top / height, left / width, crop_height / height, crop_width / width, float(flipped)])
     return Crop((top, left, crop_height, crop_width), flipped, size, geometry)
+
+
+def _crop_box(height: int, width: int, scale, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.make_params``: up to ten tries of area and log-uniform aspect, then a central fallback.
+
+    Written out so that the ratio's logarithm is computed once per ratio rather than once per view.
+    """
+    area = height * width
+    low_log_ratio, high_log_ratio = _log_ratio(ratio)
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.empty(1).uniform_(low_log_ratio, high_log_ratio).exp_().item()
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = torch.randint(0, height - crop_height + 1, size=(1,)).item()
+            left = torch.randint(0, width - crop_width + 1, size=(1,)).item()
+            return top, left, crop_height, crop_width
+    return _central_box(height, width, ratio)
+
+
+def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """The fallback crop: the whole image, cut to the nearest allowed aspect ratio, centred."""
+    crop_height, crop_width = height, width
+    if width / height < min(ratio):
+        crop_height = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        crop_width = int(round(height * max(ratio)))
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+@lru_cache(maxsize=None)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """The aspect ratio's bounds as torchvision keeps them: float32 logarithms."""
+    return tuple(torch.log(torch.tensor(ratio)).tolist())
 
 
 def crop_pil(image: Image.Image, box, flipped: bool, size: int) -> Image.Image:
@@ -67,21 +99,27 @@ def draw_photometric(view: RecipeView, num_channels: int) -> PhotometricParams:
     more; ``RandomGrayscale`` is absent (no draw) when the recipe's probability is 0. Steps not taken keep
     ``IDENTITY``'s values.
     """
-    params = {}
+    jitter, factors = 0.0, {}
     if _coin(JITTER_PROBABILITY):
-        params.update(jitter=1.0, **_draw_jitter(_jitter_strengths(view, num_channels)))
-    if view.grayscale_probability and _coin(view.grayscale_probability):
-        params.update(grayscale=1.0)
-    if _coin(view.blur_probability):
-        params.update(blur=1.0, blur_sigma=_uniform(*view.blur_sigma))  # GaussianBlur.make_params
-    if _coin(view.solarize_probability):
-        params.update(solarize=1.0)
-    return dataclasses.replace(IDENTITY, **params)
+        jitter, factors = 1.0, _draw_jitter(_jitter_strengths(view, num_channels))
+    grayscale = float(bool(view.grayscale_probability) and _coin(view.grayscale_probability))
+    blur = float(_coin(view.blur_probability))
+    blur_sigma = _uniform(*view.blur_sigma) if blur else IDENTITY.blur_sigma  # GaussianBlur.make_params
+    solarize = float(_coin(view.solarize_probability))
+    return PhotometricParams(jitter, factors.get("brightness", 1.0), factors.get("contrast", 1.0),
+                             factors.get("saturation", 1.0), factors.get("hue", 0.0),
+                             factors.get("order", IDENTITY.order), grayscale, blur, blur_sigma, solarize)
 
 
 def _coin(probability: float) -> bool:
-    """RandomApply's test: the step runs unless ``torch.rand(1) >= p`` (float32 against p, as torchvision compares)."""
-    return not bool(torch.rand(1) >= probability)
+    """RandomApply's test: the step runs unless ``torch.rand(1) >= p``, with p rounded to float32 as the tensor
+    comparison rounds it (a float32 draw and a float32 threshold compare the same as Python floats)."""
+    return torch.rand(1).item() < _float32(probability)
+
+
+@lru_cache(maxsize=None)
+def _float32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def _uniform(low: float, high: float) -> float:

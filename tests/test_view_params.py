@@ -12,10 +12,10 @@ from torchvision.transforms import v2
 from hf_siamese.photometric_params import IDENTITY, PhotometricParams
 from hf_siamese.recipes import RECIPES
 from hf_siamese.view_params import (
-    JITTER_PROBABILITY, apply_photometric_pil, crop_pil, draw_crop, draw_photometric,
+    JITTER_PROBABILITY, _coin, apply_photometric_pil, crop_pil, draw_crop, draw_photometric,
 )
 from hf_siamese.recipes import blur_kernel_size
-from hf_siamese.views import ViewRecipe, _photometric, _to_normalised_tensor, channel_stats
+from hf_siamese.views import _photometric, _to_normalised_tensor, channel_stats
 
 SIZE = 40  # a 5 px blur kernel
 SEEDS = range(60)
@@ -72,21 +72,33 @@ def test_drawn_photometric_equals_todays_pipeline(recipe, index, mode):
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 @pytest.mark.parametrize(("width", "height", "scale"), [(57, 43, (0.08, 1.0)), (43, 57, (0.2, 1.0)),
-                                                        (100, 20, (0.9, 1.0))])  # the last falls back to centre
-def test_drawn_crop_equals_with_geometry(mode, width, height, scale):
+                                                        (100, 20, (0.9, 1.0)), (20, 100, (0.9, 1.0))])  # fallbacks
+def test_drawn_crop_equals_torchvisions_crop_and_flip(mode, width, height, scale):
     image = noise_image(mode, width, height)
-    recipe = ViewRecipe(SIZE, scale, photometric=v2.Compose([v2.PILToTensor()]))
+    torchvision_view = v2.Compose([v2.RandomResizedCrop(SIZE, scale, antialias=True), v2.RandomHorizontalFlip(),
+                                   v2.PILToTensor()])
     flips = set()
     for seed in range(20):
-        (expected_view, expected_geometry), state_after_today = seeded(seed, lambda: recipe.with_geometry(image))
+        expected_view, state_after_torchvision = seeded(seed, lambda: torchvision_view(image))
         crop, state_after_explicit = seeded(seed, lambda: draw_crop((height, width), SIZE, scale))
-        assert torch.equal(crop.geometry, expected_geometry)
-        assert torch.equal(state_after_explicit, state_after_today)
+        assert torch.equal(state_after_explicit, state_after_torchvision)  # the same draws
         pixels = v2.functional.pil_to_tensor(crop_pil(image, crop.box, crop.flipped, crop.size))  # as DeviceSplitView
         assert pixels.dtype == torch.uint8 and pixels.shape == (len(mode), SIZE, SIZE)
         assert torch.equal(pixels, expected_view)
+        top, left, crop_height, crop_width = crop.box
+        assert crop.geometry.tolist() == pytest.approx(
+            [top / height, left / width, crop_height / height, crop_width / width, float(crop.flipped)])
         flips.add(crop.flipped)
     assert flips == {False, True}
+
+
+@pytest.mark.parametrize("probability", [0.7, 0.8, 0.5])  # float32(0.7) < 0.7 < float32(0.8)
+def test_coins_compare_in_float32_as_random_apply_does(monkeypatch, probability):
+    threshold = torch.tensor([probability], dtype=torch.float32)
+    for draw in (threshold, threshold.nextafter(torch.zeros(1)), threshold.nextafter(torch.ones(1))):
+        random_apply_runs = not bool(draw >= probability)
+        monkeypatch.setattr(torch, "rand", lambda *size, value=draw.clone(): value)
+        assert _coin(probability) == random_apply_runs, draw.item()
 
 
 def test_identity_params_leave_the_view_unchanged():
