@@ -413,11 +413,12 @@ def _finish(run: _Run, step: int, loss: float, metrics: MetricsLogger, resumed_f
 
 
 def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked."""
+    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked and
+    contiguous otherwise; a layout change happens after the transfer, on the device."""
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
-        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
-        return tensor.to(device, non_blocking=True, memory_format=layout)
+        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.contiguous_format
+        return tensor.to(device, non_blocking=True).contiguous(memory_format=layout)
 
     return {key: [move(view) for view in views] for key, views in batch.items()}
 

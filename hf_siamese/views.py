@@ -254,8 +254,16 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
     Stacking goes through ``default_collate``, which in a DataLoader worker stacks straight into shared memory
     instead of copying the batch there afterwards.
     """
-    return {name: [default_collate([sample[name][i] for sample in samples]) for i in range(len(views))]
+    return {name: [_stacked([sample[name][i] for sample in samples]) for i in range(len(views))]
             for name, views in samples[0].items()}
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch of ``tensors``; images whose memory is channels-last (``pil_to_tensor``'s uint8 views) are
+    stacked as they lie, a copy rather than a transposition, into a channels-last batch of the same shape."""
+    if tensors[0].dim() == 3 and all(tensor.permute(1, 2, 0).is_contiguous() for tensor in tensors):
+        return default_collate([tensor.permute(1, 2, 0) for tensor in tensors]).permute(0, 3, 1, 2)
+    return default_collate(tensors)
 
 
 def channel_stats(num_channels, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
