@@ -50,6 +50,9 @@ on the 2 source views, crop + flip + normalise on the 2 targets).
   (``finish_views``) then run on each batch in the main process, on the CPU, timed apart
   (``device_side_cpu_ms_per_image``, and ``host_and_device_cpu_ms_per_image``); ScaleMix's partners are coloured
   there too and then pasted.
+* ``floor``: the part identical views leave to any pipeline: the decode, and each view's crop resized (antialiased)
+  to uint8 with torchvision's draws, stacked as it lies in memory; no colour, no normalisation. Nothing trains on
+  it: it bounds what a host side that makes the recipe's views can cost.
 
 **Host CPU time** is user + system time of all threads of a process: the main process's over the epoch
 (``time.process_time``, from before its DataLoader iterator starts to the arrival of the epoch's last batch), plus
@@ -103,8 +106,11 @@ if str(ROOT) not in sys.path:
 from bench.data_pipeline import _collate_samples, median_interval  # noqa: E402
 from hf_siamese import SiameseConfig  # noqa: E402
 from hf_siamese.device_augment import finish_views  # noqa: E402
+from hf_siamese.training import views_to_device  # noqa: E402
 from hf_siamese.view_layout import SOURCE_PIXEL_VALUES, TARGET_PIXEL_VALUES  # noqa: E402
-from hf_siamese.views import IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT, MultiViewTransform, scale_mix  # noqa: E402
+from hf_siamese.views import (  # noqa: E402
+    IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT, MultiViewTransform, collate_views, scale_mix,
+)
 
 BENCH = "views_at_scale"
 IMAGE_SIZE = 224
@@ -227,7 +233,8 @@ def _library_pipeline(recipe: str, **transform_options) -> Pipeline:
     """The recipe's ``MultiViewTransform`` in the workers, ``finish_views`` on each batch in the main process."""
     config = SiameseConfig(backbone="resnet50", image_size=IMAGE_SIZE, **RECIPES[recipe])
     transform = MultiViewTransform.from_config(config, **transform_options)
-    return Pipeline(transform, _collate_samples, lambda batch: finish_views(batch, config))
+    cpu = torch.device("cpu")
+    return Pipeline(transform, _collate_samples, lambda batch: finish_views(views_to_device(batch, cpu), config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,18 +306,37 @@ class ScaleMixViews(Views):
         return [scale_mix(view, transform(image)) for view, transform in zip(views, self.transforms)] + views
 
 
+MULTICROP_GLOBAL = dataclasses.replace(MOCOV2_VIEW, scale=GLOBAL_SCALE)
+MULTICROP_LOCAL = dataclasses.replace(MOCOV2_VIEW, scale=LOCAL_SCALE, size=LOCAL_SIZE)
+PAPER_VIEWS = {  # the views each recipe draws per image (ScaleMix draws each of its views twice, AsymAug adds 2 weak)
+    "mocov2": [MOCOV2_VIEW] * 2, "byol": list(BYOL_VIEWS),
+    "multicrop": [MULTICROP_GLOBAL] * 2 + [MULTICROP_LOCAL] * NUM_LOCAL, "scalemix": list(BYOL_VIEWS),
+    "meanenc": [MOCOV2_VIEW] * 3, "asymaug": list(BYOL_VIEWS),
+}
+
+
 def official_pipeline(recipe: str) -> Pipeline:
-    multicrop_global = dataclasses.replace(MOCOV2_VIEW, scale=GLOBAL_SCALE)
-    multicrop_local = dataclasses.replace(MOCOV2_VIEW, scale=LOCAL_SCALE, size=LOCAL_SIZE)
-    builders = {
-        "mocov2": lambda: Views([paper_view(MOCOV2_VIEW)] * 2),
-        "byol": lambda: Views([paper_view(view) for view in BYOL_VIEWS]),
-        "multicrop": lambda: Views([paper_view(multicrop_global)] * 2 + [paper_view(multicrop_local)] * NUM_LOCAL),
-        "scalemix": lambda: ScaleMixViews([paper_view(view) for view in BYOL_VIEWS]),
-        "meanenc": lambda: Views([paper_view(MOCOV2_VIEW)] * 3),
-        "asymaug": lambda: Views([paper_view(view, paper_rand_augment()) for view in BYOL_VIEWS] + [weak_view()] * 2),
-    }
-    return Pipeline(builders[recipe](), default_collate)
+    views = PAPER_VIEWS[recipe]
+    if recipe == "scalemix":
+        return Pipeline(ScaleMixViews([paper_view(view) for view in views]), default_collate)
+    if recipe == "asymaug":
+        return Pipeline(Views([paper_view(view, paper_rand_augment()) for view in views] + [weak_view()] * 2),
+                        default_collate)
+    return Pipeline(Views([paper_view(view) for view in views]), default_collate)
+
+
+def floor_pipeline(recipe: str) -> Pipeline:
+    """What identical views leave to every pipeline: the decode and each view's crop resized (antialiased) to
+    uint8, collated as it lies; no colour, no normalisation."""
+    views = PAPER_VIEWS[recipe] * (2 if recipe in ("scalemix", "asymaug") else 1)  # partners; AsymAug's targets
+    crops = [T.Compose([T.RandomResizedCrop(view.size, scale=view.scale), T.RandomHorizontalFlip(), T.PILToTensor()])
+             for view in views]
+    return Pipeline(Views(crops), _collate_crops)
+
+
+def _collate_crops(items) -> tuple[list[torch.Tensor], None]:
+    """The floor's batch as ``batch_views`` reads it: the stacked crops (labels dropped)."""
+    return collate_views([{"views": views} for views, _ in items])["views"], None
 
 
 LIGHTLY_MISSING = {
@@ -347,7 +373,7 @@ def device_split_pipeline(recipe: str) -> Pipeline:
 
 
 PIPELINES = {"official": official_pipeline, "lightly": lightly_pipeline, "host": host_pipeline,
-             "device_split": device_split_pipeline}
+             "device_split": device_split_pipeline, "floor": floor_pipeline}
 
 
 def flat_views(views) -> list[torch.Tensor]:
