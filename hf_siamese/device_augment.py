@@ -57,7 +57,9 @@ def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: in
 
 def _colour(views: torch.Tensor, params: torch.Tensor, kernel_size: int, mean, std) -> torch.Tensor:
     """:func:`apply_photometric` on one batch, in place where it can."""
-    images = views.to(torch.float32)  # grey levels, integers after every step as the host's uint8 images
+    # Grey levels, integers after every step as the host's uint8 images; contiguous whatever layout the views came in
+    # (collated channels-last), in the same pass.
+    images = views.to(torch.float32, memory_format=torch.contiguous_format)
     images = _color_jitter(images, params)
     flagged = {name: params[:, _COLUMN[name]] > 0 for name in ("grayscale", "blur", "solarize")}
     images = _update_selected(images, flagged["grayscale"], to_grayscale)
@@ -266,10 +268,19 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return images.sub(mean).div_(std)
 
 
-def finish_views(batch: dict, config) -> dict:
+def finish_views(batch: dict, config, channels_last: bool = False) -> dict:
     """The model's inputs from a batch of uint8 views, where the views already are (the accelerator): each view
     coloured as its parameter row says (``augment_on_device``; ScaleMix's partners too, then pasted), then
-    normalised; what only travelled with the views is dropped. Views that arrive normalised pass through."""
+    normalised, contiguous or channels-last if asked; what only travelled with the views is dropped. Views that
+    arrive normalised pass through."""
+    finished = _finished_views(batch, config)
+    if not channels_last:
+        return finished
+    return {key: [view.contiguous(memory_format=torch.channels_last) if view.dim() == 4 else view for view in views]
+            for key, views in finished.items()}
+
+
+def _finished_views(batch: dict, config) -> dict:
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     finished = {key: value for key, value in batch.items() if key not in _SHIPPED_ONLY}
     if TARGET_PIXEL_VALUES in batch:
@@ -320,4 +331,4 @@ def _normalized_levels(views: torch.Tensor, mean: Sequence[float], std: Sequence
     """uint8 views as the host's ToDtype(float32, scale=True) and Normalize give them; float views unchanged."""
     if views.dtype != torch.uint8:
         return views
-    return normalize(views.to(torch.float32).mul_(1.0 / _MAX_LEVEL), mean, std)
+    return normalize(views.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / _MAX_LEVEL), mean, std)

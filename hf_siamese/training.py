@@ -234,7 +234,7 @@ def _loop(run: _Run, resume: ResumePoint, metrics: MetricsLogger, guard: Diverge
             batches = itertools.chain([next(batches)], batches)
     while step < run.schedule.total_steps:
         epoch, batch_index, batch = next(batches)
-        batch = finish_views(views_to_device(batch, accelerator.device, run.args.channels_last), run.config)
+        batch = finish_views(views_to_device(batch, accelerator.device), run.config, run.args.channels_last)
         output = training_step(accelerator, run.model, run.optimizer, batch, run.args.max_grad_norm)
         guard.observe(output.loss, step + 1)
         metrics.count_images(len(batch["source_pixel_values"][0]) * accelerator.num_processes)
@@ -413,12 +413,11 @@ def _finish(run: _Run, step: int, loss: float, metrics: MetricsLogger, resumed_f
 
 
 def views_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked and
-    contiguous otherwise; a layout change happens after the transfer, on the device."""
+    """The batch's views (and crop geometries) on ``device``, image views in channels-last format if asked."""
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
-        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.contiguous_format
-        return tensor.to(device, non_blocking=True).contiguous(memory_format=layout)
+        layout = torch.channels_last if channels_last and tensor.dim() == 4 else torch.preserve_format
+        return tensor.to(device, non_blocking=True, memory_format=layout)
 
     return {key: [move(view) for view in views] for key, views in batch.items()}
 

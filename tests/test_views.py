@@ -6,7 +6,7 @@ from images import structured_images
 from PIL import Image
 from torchvision.transforms import v2
 
-from hf_siamese.training import views_to_device
+from hf_siamese.device_augment import finish_views
 from hf_siamese.views import MultiViewTransform, ViewRecipe, collate_views, scale_mix
 
 IMAGE = structured_images(1)[0]
@@ -132,17 +132,21 @@ def test_collate_stacks_positions_and_names_them_as_the_model_does():
 
 def test_uint8_views_collate_as_they_lie_and_reach_the_model_contiguous():
     # pil_to_tensor's views are channels-last in memory; stacking them as such is a copy, not a transposition.
-    transform = MultiViewTransform.from_config(tiny_config("moco"), uint8_views=True, augment_on_device=True)
-    samples = [transform(image) for image in structured_images(4)]
-    batch = collate_views(samples)
-    views = batch["source_pixel_values"][0]
-    assert views.dtype == torch.uint8 and views.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(views, torch.stack([sample["source_pixel_values"][0] for sample in samples]))
-    moved = views_to_device(batch, torch.device("cpu"))
-    assert moved["source_pixel_values"][0].is_contiguous() and torch.equal(moved["source_pixel_values"][0], views)
-    asked = views_to_device(batch, torch.device("cpu"), channels_last=True)["source_pixel_values"][0]
-    assert asked.is_contiguous(memory_format=torch.channels_last)
-    assert batch["source_photometric"][0].is_contiguous()  # rows stack as before
+    config = tiny_config("moco")
+    for options in ({"augment_on_device": True}, {}):  # coloured where the model runs, or in the workers
+        transform = MultiViewTransform.from_config(config, uint8_views=True, **options)
+        samples = [transform(image) for image in structured_images(4)]
+        batch = collate_views(samples)
+        views = batch["source_pixel_values"][0]
+        assert views.dtype == torch.uint8 and views.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(views, torch.stack([sample["source_pixel_values"][0] for sample in samples]))
+        plain = {key: [tensor.contiguous() for tensor in tensors] for key, tensors in batch.items()}
+        expected = finish_views(plain, config)["source_pixel_values"][0]
+        finished = finish_views(batch, config)["source_pixel_values"][0]
+        assert finished.is_contiguous() and torch.equal(finished, expected)
+        asked = finish_views(batch, config, channels_last=True)["source_pixel_values"][0]
+        assert asked.is_contiguous(memory_format=torch.channels_last) and torch.equal(asked, expected)
+        assert all(rows.is_contiguous() for rows in batch.get("target_photometric", []))  # rows stack as before
 
 
 def _collate_reporting_shared_memory(samples):
