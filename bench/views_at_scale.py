@@ -8,7 +8,7 @@ one recipe run interleaved, ``--repeats`` times, their order rotated each repeat
 (seed = repeat); ``ratio_to_official`` is the median over repeats of official's host CPU over this pipeline's in
 the same repeat (above 1: cheaper than the official loader), with a distribution-free interval for it. One JSON
 line per (recipe, pipeline, workers), appended to ``--results``; cases already there (same ``--images``) are
-skipped, so an interrupted run continues. About an hour on 2 cores at the defaults.
+skipped, so an interrupted run continues. About 65 minutes on 2 cores at the defaults.
 
 **Corpus** (``--corpus``, kept between runs): ``--images`` JPEGs cut from natural photographs that ship inside
 installed packages, in ``<photograph>/<index>.jpg`` class folders (ImageFolder's classes):
