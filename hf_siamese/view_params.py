@@ -31,6 +31,9 @@ _JITTER_STEPS = {
 }
 
 
+_JITTER_FIELDS = ("brightness", "contrast", "saturation", "hue", "order")  # what ColorJitter draws, when it applies
+
+
 class Crop(NamedTuple):
     """One view's crop box and flip, with the geometry row the dense term reads."""
 
@@ -106,9 +109,9 @@ def draw_photometric(view: RecipeView, num_channels: int) -> PhotometricParams:
     blur = float(_coin(view.blur_probability))
     blur_sigma = _uniform(*view.blur_sigma) if blur else IDENTITY.blur_sigma  # GaussianBlur.make_params
     solarize = float(_coin(view.solarize_probability))
-    return PhotometricParams(jitter, factors.get("brightness", 1.0), factors.get("contrast", 1.0),
-                             factors.get("saturation", 1.0), factors.get("hue", 0.0),
-                             factors.get("order", IDENTITY.order), grayscale, blur, blur_sigma, solarize)
+    jitter_fields = {name: getattr(IDENTITY, name) for name in _JITTER_FIELDS} | factors
+    return PhotometricParams(jitter=jitter, **jitter_fields, grayscale=grayscale, blur=blur, blur_sigma=blur_sigma,
+                             solarize=solarize)
 
 
 def _coin(probability: float) -> bool:
