@@ -6,7 +6,6 @@ accelerator pipeline needs them as numbers first. The draws here mirror torchvis
 ``RandomApply(GaussianBlur)``, ``RandomSolarize``), so that seeded views stay the same pixel for pixel.
 """
 
-import math
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -47,45 +46,18 @@ def draw_crop(image_size: tuple[int, int], size: int, scale, ratio=(3 / 4, 4 / 3
     """The crop and flip ``v2.RandomResizedCrop`` then ``v2.RandomHorizontalFlip`` draw for an image of
     ``image_size`` = (height, width): the same calls on the global generator, so the same boxes and RNG state."""
     height, width = image_size
-    top, left, crop_height, crop_width = _crop_box(height, width, scale, tuple(ratio))
+    box = _crop_drawer(tuple(scale), tuple(ratio)).make_params([torch.empty(0, height, width)])
+    top, left, crop_height, crop_width = box["top"], box["left"], box["height"], box["width"]
     flipped = _coin(FLIP_PROBABILITY)
     geometry = torch.tensor([top / height, left / width, crop_height / height, crop_width / width, float(flipped)])
     return Crop((top, left, crop_height, crop_width), flipped, size, geometry)
 
 
-def _crop_box(height: int, width: int, scale, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """``RandomResizedCrop.make_params``: up to ten tries of area and log-uniform aspect, then a central fallback.
-
-    Written out so that the ratio's logarithm is computed once per ratio rather than once per view.
-    """
-    area = height * width
-    low_log_ratio, high_log_ratio = _log_ratio(ratio)
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.empty(1).uniform_(low_log_ratio, high_log_ratio).exp_().item()
-        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
-        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = torch.randint(0, height - crop_height + 1, size=(1,)).item()
-            left = torch.randint(0, width - crop_width + 1, size=(1,)).item()
-            return top, left, crop_height, crop_width
-    return _central_box(height, width, ratio)
-
-
-def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """The fallback crop: the whole image, cut to the nearest allowed aspect ratio, centred."""
-    crop_height, crop_width = height, width
-    if width / height < min(ratio):
-        crop_height = int(round(width / min(ratio)))
-    elif width / height > max(ratio):
-        crop_width = int(round(height * max(ratio)))
-    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
-
-
 @lru_cache(maxsize=None)
-def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
-    """The aspect ratio's bounds as torchvision keeps them: float32 logarithms."""
-    return tuple(torch.log(torch.tensor(ratio)).tolist())
+def _crop_drawer(scale: tuple[float, float], ratio: tuple[float, float]) -> v2.RandomResizedCrop:
+    """torchvision's crop draw for one (scale, ratio), kept: it computes the ratio's logarithm once, not per view.
+    Only its ``make_params`` is used, on an empty tensor of the image's shape; the size is not."""
+    return v2.RandomResizedCrop(1, scale=scale, ratio=ratio)
 
 
 def crop_pil(image: Image.Image, box, flipped: bool, size: int) -> Image.Image:
