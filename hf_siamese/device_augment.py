@@ -57,9 +57,7 @@ def apply_photometric(views: torch.Tensor, params: torch.Tensor, kernel_size: in
 
 def _colour(views: torch.Tensor, params: torch.Tensor, kernel_size: int, mean, std) -> torch.Tensor:
     """:func:`apply_photometric` on one batch, in place where it can."""
-    # Grey levels, integers after every step as the host's uint8 images; contiguous whatever layout the views came in
-    # (collated channels-last), in the same pass.
-    images = views.to(torch.float32, memory_format=torch.contiguous_format)
+    images = _grey_levels(views)  # integers after every step, as the host's uint8 images
     images = _color_jitter(images, params)
     flagged = {name: params[:, _COLUMN[name]] > 0 for name in ("grayscale", "blur", "solarize")}
     images = _update_selected(images, flagged["grayscale"], to_grayscale)
@@ -331,4 +329,10 @@ def _normalized_levels(views: torch.Tensor, mean: Sequence[float], std: Sequence
     """uint8 views as the host's ToDtype(float32, scale=True) and Normalize give them; float views unchanged."""
     if views.dtype != torch.uint8:
         return views
-    return normalize(views.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / _MAX_LEVEL), mean, std)
+    return normalize(_grey_levels(views).mul_(1.0 / _MAX_LEVEL), mean, std)
+
+
+def _grey_levels(views: torch.Tensor) -> torch.Tensor:
+    """uint8 views as float32 grey levels, contiguous whatever layout they travelled in (collated channels-last):
+    the layout changes in the same pass as the dtype."""
+    return views.to(torch.float32, memory_format=torch.contiguous_format)

@@ -261,8 +261,11 @@ def collate_views(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, lis
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One batch of ``tensors``; images whose memory is channels-last (``pil_to_tensor``'s uint8 views) are
     stacked as they lie, a copy rather than a transposition, into a channels-last batch of the same shape."""
-    if tensors[0].dim() == 3 and all(tensor.permute(1, 2, 0).is_contiguous() for tensor in tensors):
-        return default_collate([tensor.permute(1, 2, 0) for tensor in tensors]).permute(0, 3, 1, 2)
+    if tensors[0].dim() != 3:
+        return default_collate(tensors)
+    as_they_lie = [tensor.permute(1, 2, 0) for tensor in tensors]
+    if all(tensor.is_contiguous() for tensor in as_they_lie):
+        return default_collate(as_they_lie).permute(0, 3, 1, 2)
     return default_collate(tensors)
 
 
