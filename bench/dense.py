@@ -66,7 +66,7 @@ def train_encoder(name: str, seed: int, args: argparse.Namespace, directory: Pat
         config = parse_pretraining_args(["--config", str(SMALL_TRACK_RECIPE)])[0]
         torch.manual_seed(seed)
         SiameseModel(config).save_pretrained(directory)
-        cost = {"steps": 0}
+        cost = {"steps": training_steps(name, args)}
     elif name == "supervised":
         cost = train_supervised(seed, args, directory)
     else:
@@ -146,13 +146,14 @@ def learning_rate(protocol: str, args: argparse.Namespace) -> float:
 
 def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
     """Every (seed, encoder, probe) not yet in ``records``, each recorded as it finishes; the failures."""
-    done = {(r["encoder"], r["seed"], r["protocol"], r["level"], r["learning_rate"], r["probe_epochs"])
+    done = {(r["encoder"], r["steps"], r["seed"], r["protocol"], r["level"], r["learning_rate"], r["probe_epochs"])
             for r in records}
     failed = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.encoders.split(","):
             todo = [(p, level) for p, level in probes(args)
-                    if (name, seed, p, level, learning_rate(p, args), epochs(p, args)) not in done]
+                    if (name, training_steps(name, args), seed, p, level, learning_rate(p, args), epochs(p, args))
+                    not in done]
             if not todo:
                 continue
             directory = args.work_dir / f"{name}-seed{seed}-steps{args.steps}"
@@ -172,6 +173,10 @@ def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
     return failed
 
 
+def training_steps(name: str, args: argparse.Namespace) -> int:
+    return 0 if name == "random_init" else args.steps
+
+
 def settings(args: argparse.Namespace) -> dict:
     train_split, eval_split = VALIDATION if args.validation else TEST
     return {"train_split": train_split, "eval_split": eval_split, "train_scenes": args.train_scenes,
@@ -187,32 +192,47 @@ def append(path: Path, record: dict) -> None:
     print(json.dumps({k: v for k, v in record.items() if k != "per_class_iou"}), flush=True)
 
 
+# (encoder, baseline) pairs the report gives paired by seed: the ladder's claim, self-supervised against supervised
+# (the classic comparison) and against the untrained floor
+PAIRS = (("ladder_byol", "byol"), ("byol", "supervised"), ("ladder_byol", "supervised"), ("byol", "random_init"))
+
+
 def report(records: list[dict]) -> str:
-    """mIoU mean ± std over seeds per encoder and probe, and Ladder-BYOL minus BYOL paired by seed (95% t)."""
+    """mIoU mean ± std over seeds per encoder (and its training steps) and probe, and the differences of ``PAIRS``
+    paired by seed with their 95% t-intervals."""
     by_key: dict[tuple, dict[int, float]] = {}
     for record in records:
         column = (record["protocol"], record["level"], record.get("learning_rate"))
-        by_key.setdefault((record["encoder"], *column), {})[record["seed"]] = record["miou"]
-    columns = sorted({key[1:] for key in by_key}, key=lambda c: (c[0] != "linear", c[1], c[2] or 0))
+        by_key.setdefault((record["encoder"], record["steps"], *column), {})[record["seed"]] = record["miou"]
+    columns = sorted({key[2:] for key in by_key}, key=lambda c: (c[0] != "linear", c[1], c[2] or 0))
     several_rates = len({column[:2] for column in columns}) < len(columns)  # a grid of learning rates (validation)
-    lines = ["| encoder | " + " | ".join(f"{p} {level}" + (f" lr {rate:g}" if several_rates else "")
-                                        for p, level, rate in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for encoder in ENCODERS:
-        cells = [_spread(list(by_key.get((encoder, *column), {}).values())) for column in columns]
-        if any(cell != "-" for cell in cells):
-            lines.append(f"| {encoder} | " + " | ".join(cells) + " |")
-    pairs = []
+    lines = ["| encoder | steps | " + " | ".join(f"{p} {level}" + (f" lr {rate:g}" if several_rates else "")
+                                                for p, level, rate in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    rows = sorted({key[:2] for key in by_key}, key=lambda row: (ENCODERS.index(row[0]), row[1]))
+    for encoder, steps in rows:
+        cells = [_spread(list(by_key.get((encoder, steps, *column), {}).values())) for column in columns]
+        lines.append(f"| {encoder} | {steps} | " + " | ".join(cells) + " |")
+    for encoder, baseline in PAIRS:
+        lines += [_paired_row(by_key, encoder, baseline, steps, columns) for name, steps in rows if name == encoder]
+    return "\n".join(line for line in lines if line)
+
+
+def _paired_row(by_key: dict, encoder: str, baseline: str, steps: int, columns: list[tuple]) -> str:
+    """``encoder - baseline`` per column, paired by seed (the baseline at the same steps, or untrained); empty when
+    no seed has both."""
+    cells, paired = [], False
     for column in columns:
-        byol, ladder = by_key.get(("byol", *column), {}), by_key.get(("ladder_byol", *column), {})
-        differences = [ladder[seed] - byol[seed] for seed in sorted(byol.keys() & ladder.keys())]
-        if differences:
+        mine = by_key.get((encoder, steps, *column), {})
+        theirs = by_key.get((baseline, steps, *column)) or by_key.get((baseline, 0, *column), {})
+        differences = [mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
+        paired |= bool(differences)
+        if len(differences) > 1:
             mean, half = designs.paired_interval(differences)
-            pairs.append(f"{mean:+.2f} ± {half:.2f} (n={len(differences)})")
+            cells.append(f"{mean:+.2f} ± {half:.2f} (n={len(differences)})")
         else:
-            pairs.append("-")
-    lines.append("| ladder_byol - byol | " + " | ".join(pairs) + " |")
-    return "\n".join(lines)
+            cells.append(f"{differences[0]:+.2f} (1 seed)" if differences else "-")
+    return f"| {encoder} - {baseline} | {steps} | " + " | ".join(cells) + " |" if paired else ""
 
 
 def _spread(values: list[float]) -> str:

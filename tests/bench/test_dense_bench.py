@@ -24,9 +24,34 @@ def test_supervised_augmentation_crops_28_px_windows_of_the_padded_images_and_fl
 
 
 def test_the_report_pairs_ladder_byol_with_byol_by_seed():
-    records = [{"encoder": encoder, "seed": seed, "protocol": "linear", "level": "2", "miou": miou}
-               for encoder, seed, miou in (("byol", 0, 40.0), ("byol", 1, 42.0), ("ladder_byol", 0, 41.0),
-                                           ("ladder_byol", 1, 45.0), ("random_init", 0, 20.0))]
+    records = [{"encoder": encoder, "steps": steps, "seed": seed, "protocol": "linear", "level": "2", "miou": miou}
+               for encoder, steps, seed, miou in (
+                   ("byol", 500, 0, 40.0), ("byol", 500, 1, 42.0), ("ladder_byol", 500, 0, 41.0),
+                   ("ladder_byol", 500, 1, 45.0), ("random_init", 0, 0, 20.0), ("byol", 1600, 0, 50.0))]
     table = dense.report(records)
-    assert "| byol | 41.00 ± 1.41 (2) |" in table and "| random_init | 20.00 (1 seed) |" in table
-    assert "| ladder_byol - byol | +2.00 ± 12.71 (n=2) |" in table  # differences 1 and 3: t(1) = 12.706
+    assert "| byol | 500 | 41.00 ± 1.41 (2) |" in table and "| random_init | 0 | 20.00 (1 seed) |" in table
+    assert "| byol | 1600 | 50.00 (1 seed) |" in table  # another budget is another row, never averaged in
+    assert "| ladder_byol - byol | 500 | +2.00 ± 12.71 (n=2) |" in table  # differences 1 and 3: t(1) = 12.706
+    # the untrained floor pairs with every budget; a baseline with no shared seed gives no row
+    assert "| byol - random_init | 500 | +20.00 (1 seed) |" in table
+    assert "| byol - random_init | 1600 | +30.00 (1 seed) |" in table
+    assert "supervised" not in table
+
+
+def test_the_sweep_skips_recorded_probes_but_not_those_of_another_budget(monkeypatch, tmp_path):
+    args = argparse.Namespace(seeds="0", encoders="random_init,moco_baseline", upernet=True, linear_epochs=20,
+                              linear_learning_rate=3e-2, upernet_epochs=3, upernet_learning_rate=1e-3, steps=500,
+                              work_dir=tmp_path, results=tmp_path / "dense.jsonl", keep_encoders=True,
+                              validation=False, train_scenes=2, eval_scenes=2, scenes_seed=0)
+    recorded = [{"encoder": encoder, "steps": steps, "seed": 0, "protocol": protocol, "level": level,
+                 "learning_rate": dense.learning_rate(protocol, args), "probe_epochs": dense.epochs(protocol, args)}
+                for encoder, steps in (("random_init", 0), ("moco_baseline", 500))
+                for protocol, level in dense.probes(args)]
+    probed = []
+    monkeypatch.setattr(dense, "train_encoder", lambda name, seed, args, directory: {"steps": args.steps})
+    monkeypatch.setattr(dense, "probe", lambda directory, seed, protocol, level, args: probed.append(
+        (directory.name, protocol, level)) or {"miou": 1.0})
+    assert dense.sweep(recorded, args) == [] and probed == []
+    args.steps = 1600  # the untrained floor stays recorded; MoCo at 1,600 steps is a new encoder
+    assert dense.sweep(recorded, args) == []
+    assert probed == [("moco_baseline-seed0-steps1600", protocol, level) for protocol, level in dense.probes(args)]
