@@ -197,19 +197,26 @@ def append(path: Path, record: dict) -> None:
 PAIRS = (("ladder_byol", "byol"), ("byol", "supervised"), ("ladder_byol", "supervised"), ("byol", "random_init"))
 
 
-def report(records: list[dict]) -> str:
-    """mIoU mean ± std over seeds per encoder (and its training steps) and probe, and the differences of ``PAIRS``
-    paired by seed with their 95% t-intervals."""
+def miou_by_probe(records: list[dict]) -> tuple[dict[tuple, dict[int, float]], list[tuple], list[tuple]]:
+    """mIoU by (encoder, steps, protocol, level, learning rate) and seed; the probe columns and the encoder rows in
+    reading order."""
     by_key: dict[tuple, dict[int, float]] = {}
     for record in records:
         column = (record["protocol"], record["level"], record.get("learning_rate"))
         by_key.setdefault((record["encoder"], record["steps"], *column), {})[record["seed"]] = record["miou"]
     columns = sorted({key[2:] for key in by_key}, key=lambda c: (c[0] != "linear", c[1], c[2] or 0))
+    rows = sorted({key[:2] for key in by_key}, key=lambda row: (ENCODERS.index(row[0]), row[1]))
+    return by_key, columns, rows
+
+
+def report(records: list[dict]) -> str:
+    """mIoU mean ± std over seeds per encoder (and its training steps) and probe, and the differences of ``PAIRS``
+    paired by seed with their 95% t-intervals."""
+    by_key, columns, rows = miou_by_probe(records)
     several_rates = len({column[:2] for column in columns}) < len(columns)  # a grid of learning rates (validation)
     lines = ["| encoder | steps | " + " | ".join(f"{p} {level}" + (f" lr {rate:g}" if several_rates else "")
                                                 for p, level, rate in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
-    rows = sorted({key[:2] for key in by_key}, key=lambda row: (ENCODERS.index(row[0]), row[1]))
     for encoder, steps in rows:
         cells = [_spread(list(by_key.get((encoder, steps, *column), {}).values())) for column in columns]
         lines.append(f"| {encoder} | {steps} | " + " | ".join(cells) + " |")
@@ -233,6 +240,36 @@ def _paired_row(by_key: dict, encoder: str, baseline: str, steps: int, columns: 
         else:
             cells.append(f"{differences[0]:+.2f} (1 seed)" if differences else "-")
     return f"| {encoder} - {baseline} | {steps} | " + " | ".join(cells) + " |" if paired else ""
+
+
+def plot(records: list[dict], path: Path) -> Path:
+    """mIoU of every encoder by probe, mean over the seeds with their std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    by_key, columns, rows = miou_by_probe(records)
+    figure, axes = pyplot.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(rows)
+    for index, (encoder, steps) in enumerate(rows):
+        runs = [list(by_key.get((encoder, steps, *column), {}).values()) for column in columns]
+        positions = [c + (index - (len(rows) - 1) / 2) * width for c, values in enumerate(runs) if values]
+        values = [values for values in runs if values]
+        axes.errorbar(positions, [statistics.fmean(v) for v in values], fmt="o", capsize=3,
+                      yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+                      label=f"{encoder}, {steps} steps ({_seeds(max(map(len, values)))})")
+    axes.set_xticks(range(len(columns)), [f"{protocol} {level}" for protocol, level, _ in columns])
+    axes.set_ylabel("mIoU (%), test scenes, mean ± std over seeds")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
+
+
+def _seeds(count: int) -> str:
+    return "1 seed" if count == 1 else f"{count} seeds"
 
 
 def _spread(values: list[float]) -> str:
@@ -272,6 +309,8 @@ def main() -> None:
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     if args.report:
         print(report(records))
+        if records:
+            print(json.dumps({"plot": str(plot(records, args.results.with_suffix(".png")))}))
         return
     unknown = set(args.encoders.split(",")) - set(ENCODERS)
     if unknown:

@@ -3,6 +3,7 @@
 import argparse
 
 import torch
+from PIL import Image
 
 from bench import dense
 
@@ -55,3 +56,11 @@ def test_the_sweep_skips_recorded_probes_but_not_those_of_another_budget(monkeyp
     args.steps = 1600  # the untrained floor stays recorded; MoCo at 1,600 steps is a new encoder
     assert dense.sweep(recorded, args) == []
     assert probed == [("moco_baseline-seed0-steps1600", protocol, level) for protocol, level in dense.probes(args)]
+
+
+def test_the_plot_draws_encoders_that_miss_some_probes(tmp_path):
+    records = [{"encoder": encoder, "steps": 500, "seed": seed, "protocol": protocol, "level": level, "miou": 30.0}
+               for encoder, seed in (("byol", 0), ("byol", 1), ("supervised", 0))
+               for protocol, level in (("linear", "1"), ("linear", "multi"))]
+    records.append({"encoder": "byol", "steps": 500, "seed": 0, "protocol": "upernet", "level": "multi", "miou": 25.})
+    assert Image.open(dense.plot(records, tmp_path / "dense.png")).size == (800, 450)
