@@ -146,14 +146,14 @@ def learning_rate(protocol: str, args: argparse.Namespace) -> float:
 
 def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
     """Every (seed, encoder, probe) not yet in ``records``, each recorded as it finishes; the failures."""
-    done = {(r["encoder"], r["steps"], r["seed"], r["protocol"], r["level"], r["learning_rate"], r["probe_epochs"])
-            for r in records}
-    failed = []
+    done = {(r["encoder"], r["steps"], r["seed"], r["protocol"], r["level"], r["learning_rate"], r["probe_epochs"],
+             *(r[key] for key in SCENE_SETTINGS)) for r in records}
+    failed, scenes = [], settings(args)
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.encoders.split(","):
             todo = [(p, level) for p, level in probes(args)
-                    if (name, training_steps(name, args), seed, p, level, learning_rate(p, args), epochs(p, args))
-                    not in done]
+                    if (name, training_steps(name, args), seed, p, level, learning_rate(p, args), epochs(p, args),
+                        *(scenes[key] for key in SCENE_SETTINGS)) not in done]
             if not todo:
                 continue
             directory = args.work_dir / f"{name}-seed{seed}-steps{args.steps}"
@@ -175,6 +175,9 @@ def sweep(records: list[dict], args: argparse.Namespace) -> list[str]:
 
 def training_steps(name: str, args: argparse.Namespace) -> int:
     return 0 if name == "random_init" else args.steps
+
+
+SCENE_SETTINGS = ("train_split", "eval_split", "train_scenes", "eval_scenes", "scenes_seed")  # in every record
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -260,7 +263,8 @@ def plot(records: list[dict], path: Path) -> Path:
                       yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
                       label=f"{encoder}, {steps} steps ({_seeds(max(map(len, values)))})")
     axes.set_xticks(range(len(columns)), [f"{protocol} {level}" for protocol, level, _ in columns])
-    axes.set_ylabel("mIoU (%), test scenes, mean ± std over seeds")
+    evaluated_on = ", ".join(sorted({record.get("eval_split", "test") for record in records}))
+    axes.set_ylabel(f"mIoU (%), scenes of {evaluated_on}, mean ± std over seeds")
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

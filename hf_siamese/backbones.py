@@ -12,10 +12,11 @@ from torch import nn
 _STEM_MODULES = ("act1", "stem", "conv1", "bn1")
 
 
-def create_backbone(config) -> nn.Module:
+def create_backbone(config, any_image_size: bool = False) -> nn.Module:
     """A randomly initialised timm model without classifier, at ``config.image_size`` where the model takes a size.
 
-    With MultiCrop, ViT-like models also get ``dynamic_img_size`` so that they take the smaller local crops. The
+    With MultiCrop or ``any_image_size``, ViT-like models also get ``dynamic_img_size`` so that they take the smaller
+    local crops, or a dense head's inputs (the position embedding interpolated, the weights unchanged). The
     keyword arguments the model was built with are kept as ``model.timm_model_args`` (timm's ``model_args``), so
     that a timm-format export rebuilds the same architecture.
     """
@@ -23,7 +24,7 @@ def create_backbone(config) -> nn.Module:
     kwargs = {"in_chans": config.num_channels, **user_kwargs}
     # Only ViT-like models take these; convolutional nets take any size and reject them.
     optional = {"img_size": config.image_size}
-    if getattr(config, "multicrop", False):
+    if any_image_size or getattr(config, "multicrop", False):
         optional["dynamic_img_size"] = True
     optional = {key: value for key, value in optional.items() if key not in user_kwargs}
     try:

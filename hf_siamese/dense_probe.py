@@ -2,9 +2,9 @@
 
 Two protocols, both over the encoder as a transformers backbone (:class:`~hf_siamese.SiameseBackbone`):
 
-* ``linear`` (DINOv2's linear segmentation probe): the frozen encoder's maps at one level or several (upsampled to
-  the finest and concatenated), BatchNorm and a 1x1 convolution trained on cached features, logits upsampled to the
-  label map. It measures what the features hold, at each stage (the Ladder Siamese claim).
+* ``linear`` (DINOv2's linear segmentation probe): the frozen encoder's maps at one level or several, BatchNorm
+  and a 1x1 convolution per level trained on cached features, logits upsampled to the label map and summed. It
+  measures what the features hold, at each stage (the Ladder Siamese claim).
 * ``upernet``: transformers' ``UperNetForSemanticSegmentation`` with the pretrained backbone, fine-tuned whole for a
   short schedule: what the encoder is worth as a starting point.
 
@@ -12,22 +12,28 @@ Scores (mIoU, per-class IoU, pixel accuracy) come from the shipped ``mean_iou`` 
 ``eval_results.json`` and the model card, with a picture of a few evaluation scenes.
 """
 
+import copy
+import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 import datasets
 
 from .eval_results import results_dir, write_eval_results
 from .metrics import load_metric
-from .modeling_backbone import SiameseBackbone, load_backbone_weights
+from .modeling_backbone import SiameseBackbone, load_backbone_weights, load_pretrained_backbone
 from .pictures import write_dense_examples
 from .scenes import make_scenes, scene_id2label
 from .views import channel_stats
@@ -63,7 +69,7 @@ class DenseProbeArguments:
     protocol: str = field(default="linear", metadata={"help": "linear (frozen encoder) | upernet (fine-tuned)."})
     probe_levels: str = field(
         default="last", metadata={"help": "linear: 'last', a stage index, several ('2,3,4'), or 'multi' (every "
-                                          "stage after the stem), concatenated."}
+                                          "stage after the stem), their logits summed."}
     )
     num_train_epochs: int = field(default=20, metadata={"help": "Epochs over the training scenes."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size."})
@@ -93,12 +99,12 @@ class Scenes:
     images: list  # the PIL images, for the pictures
 
 
-def load_scene_splits(args: DenseProbeArguments) -> tuple[datasets.Dataset, datasets.Dataset, dict[int, str]]:
-    """The training and evaluation scenes and the label names."""
+def load_scene_splits(args: DenseProbeArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training and evaluation scenes; refused when they share images (two overlapping windows of a split)."""
+    _refuse_overlapping_windows(args.train_split, args.eval_split)
     if args.dataset_name == SCENES:
-        train = make_scenes(args.train_split, args.num_train_scenes, args.scenes_seed, args.scene_size)
-        evaluation = make_scenes(args.eval_split, args.num_eval_scenes, args.scenes_seed, args.scene_size)
-        return train, evaluation, scene_id2label()
+        return (make_scenes(args.train_split, args.num_train_scenes, args.scenes_seed, args.scene_size),
+                make_scenes(args.eval_split, args.num_eval_scenes, args.scenes_seed, args.scene_size))
     train, evaluation = (datasets.load_dataset(args.dataset_name, split=split)
                          for split in (args.train_split, args.eval_split))
     for split, dataset in (("train", train), ("eval", evaluation)):
@@ -106,15 +112,62 @@ def load_scene_splits(args: DenseProbeArguments) -> tuple[datasets.Dataset, data
         if missing:
             raise ValueError(f"The {split} split of {args.dataset_name!r} lacks the column(s) {sorted(missing)}; a "
                              f"dense probe needs `image` and `annotation` (a label map); it has {dataset.column_names}.")
-    labels = max(int(np.asarray(map_).max()) for map_ in train["annotation"] if np.asarray(map_).size)
-    return train, evaluation, {index: str(index) for index in range(labels + 1)}
+    return train, evaluation
 
 
-def scene_tensors(dataset: datasets.Dataset, config) -> Scenes:
+def _refuse_overlapping_windows(train_split: str, eval_split: str) -> None:
+    """Windows of one split in datasets' slice syntax (``train[:50000]``, ``train[80%:]``) must not overlap."""
+    windows = [re.fullmatch(r"([\w.-]+)(?:\[(\d*)(%?):(\d*)(%?)\])?", split) for split in (train_split, eval_split)]
+    if not all(windows) or windows[0][1] != windows[1][1]:
+        return  # two splits, or a slice this check does not read (negative indices): datasets reads it
+    units = {window[3] or window[5] for window in windows if window[2] or window[4]}
+    if len(units) > 1:
+        return  # a percentage window against an absolute one: not comparable without the split's size
+    (train_start, train_stop), (eval_start, eval_stop) = (
+        (int(window[2] or 0), int(window[4]) if window[4] else float("inf")) for window in windows)
+    if max(train_start, eval_start) < min(train_stop, eval_stop):
+        raise ValueError(f"train_split {train_split!r} and eval_split {eval_split!r} share images: the probe would be "
+                         f"evaluated on scenes it was trained on. Give disjoint windows, e.g. "
+                         f"'{windows[0][1]}[:50000]' and '{windows[0][1]}[50000:]'.")
+
+
+def dataset_id2label(dataset_name: str, *label_maps: torch.Tensor) -> dict[int, str]:
+    """The class names of a dataset with label maps: its ``id2label.json`` (beside the data, as ``save_scenes`` and
+    transformers' segmentation examples keep it), else the labels seen in any split numbered (``IGNORE_INDEX`` is no
+    class)."""
+    names = _id2label_file(dataset_name)
+    if names is not None:
+        return {int(index): name for index, name in names.items()}
+    seen = max(int(maps[maps != IGNORE_INDEX].max()) for maps in label_maps if (maps != IGNORE_INDEX).any())
+    logger.info("%s has no id2label.json: classes 0..%d named by their numbers", dataset_name, seen)
+    return {index: str(index) for index in range(seen + 1)}
+
+
+def _id2label_file(dataset_name: str) -> dict | None:
+    local = Path(dataset_name) / "id2label.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(dataset_name).exists():
+        return None
+    try:
+        return json.loads(Path(hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")).read_text())
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None
+
+
+def _refuse_unknown_labels(scenes: "Scenes", split: str, id2label: dict[int, str]) -> None:
+    unknown = sorted(set(scenes.labels.unique().tolist()) - set(id2label) - {IGNORE_INDEX})
+    if unknown:
+        raise ValueError(f"The {split} label maps hold label(s) {unknown[:10]} that id2label ({len(id2label)} "
+                         f"classes) does not name; {IGNORE_INDEX} marks pixels to ignore.")
+
+
+def scene_tensors(dataset: datasets.Dataset, config, split: str) -> Scenes:
     """The encoder's input for each scene (its channels and normalisation) and the label maps."""
     mean, std = channel_stats(config.num_channels, config.image_mean, config.image_std)
     mode = "L" if config.num_channels == 1 else "RGB"
     images = list(dataset["image"])
+    _refuse_other_sizes(images, dataset["annotation"], split)
     array = np.stack([np.asarray(image.convert(mode)) for image in images]).reshape(len(images), *images[0].size[::-1], -1)
     # Plain NCHW strides: a permuted view with one channel passes as contiguous, and a CPU convolution's backward
     # crashed on its strides (torch 2.14, UperNet).
@@ -122,6 +175,17 @@ def scene_tensors(dataset: datasets.Dataset, config) -> Scenes:
     pixels = (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     labels = torch.from_numpy(np.stack([np.asarray(label_map) for label_map in dataset["annotation"]])).long()
     return Scenes(pixels, labels, images)
+
+
+def _refuse_other_sizes(images: list, label_maps: list, split: str) -> None:
+    """Scenes are fed at their own size, in batches: one size for every image and label map of a split."""
+    size = images[0].size
+    for index, (image, label_map) in enumerate(zip(images, label_maps)):
+        for what, item in (("image", image), ("annotation", label_map)):
+            if item.size != size:
+                raise ValueError(f"The {split} {what} of row {index} is {item.size[0]}x{item.size[1]}, the first image "
+                                 f"{size[0]}x{size[1]}: the dense probe takes one size per split. Resize the images "
+                                 "(label maps with nearest-neighbour) to one size first.")
 
 
 def stage_names(spec: str, backbone_stages: list[str]) -> list[str]:
@@ -220,34 +284,34 @@ def predict_linear(head: LinearSegmentationHead, maps: list[torch.Tensor], size,
                       for start in range(0, count, batch_size)])
 
 
-def linear_protocol(args: DenseProbeArguments, train: Scenes, evaluation: Scenes, num_labels: int) -> torch.Tensor:
+def linear_protocol(args: DenseProbeArguments, config, train: Scenes, evaluation: Scenes,
+                    num_labels: int) -> torch.Tensor:
     """The frozen encoder's levels, a linear head on them; the evaluation predictions."""
-    config = AutoConfig.from_pretrained(args.model_name_or_path)
     levels = stage_names(args.probe_levels, config.stage_names)
-    backbone = SiameseBackbone.from_pretrained(args.model_name_or_path, out_features=levels)
+    backbone = load_pretrained_backbone(args.model_name_or_path, out_features=levels)
     batch = args.per_device_train_batch_size
     head = fit_linear_head(cached_maps(backbone, train.pixels, batch), train.labels, num_labels, args)
     return predict_linear(head, cached_maps(backbone, evaluation.pixels, batch), evaluation.labels.shape[-2:], batch)
 
 
-def upernet_for(model_name_or_path: str, num_labels: int, hidden_size: int) -> UperNetForSemanticSegmentation:
-    """transformers' UperNet over the encoder's four stages, the backbone's weights the pretrained encoder's."""
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    stages = stage_names(MULTI, config.stage_names)[-4:]
-    backbone_config = AutoConfig.from_pretrained(model_name_or_path, out_features=stages)
+def upernet_for(model_name_or_path: str, config, num_labels: int, hidden_size: int) -> UperNetForSemanticSegmentation:
+    """transformers' UperNet over the encoder's last four stages, the backbone's weights the pretrained encoder's;
+    the auxiliary head as transformers builds it (on the third map, 256 wide)."""
+    backbone_config = copy.deepcopy(config)
+    backbone_config.out_features = stage_names(MULTI, config.stage_names)[-4:]  # out_indices follow
     head = UperNetForSemanticSegmentation(UperNetConfig(
         backbone_config=backbone_config, num_labels=num_labels, hidden_size=hidden_size,
-        auxiliary_in_channels=None,  # None: the width of the backbone's third map auxiliary_channels=hidden_size // 2, loss_ignore_index=IGNORE_INDEX,
+        auxiliary_in_channels=None,  # None: the width of the backbone's third map
+        loss_ignore_index=IGNORE_INDEX,
     ))
     load_backbone_weights(head, model_name_or_path)
     return head
 
 
-def upernet_protocol(args: DenseProbeArguments, train: Scenes, evaluation: Scenes, num_labels: int) -> torch.Tensor:
+def upernet_protocol(args: DenseProbeArguments, config, train: Scenes, evaluation: Scenes,
+                     num_labels: int) -> torch.Tensor:
     """UperNet fine-tuned whole (backbone included); the evaluation predictions."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = upernet_for(args.model_name_or_path, num_labels, args.upernet_hidden_size)
+    model = upernet_for(args.model_name_or_path, config, num_labels, args.upernet_hidden_size)
     model.train()
     fit(model, lambda batch: model(pixel_values=train.pixels[batch], labels=train.labels[batch]).loss,
         len(train.labels), args)
@@ -272,12 +336,17 @@ def run_dense_probe(args: DenseProbeArguments) -> list[dict]:
     """Probe ``args.model_name_or_path`` on scenes; returns the records (also in ``eval_results.json``)."""
     output_dir = results_dir(args.model_name_or_path, args.output_dir, "outputs/dense_probe")
     started = time.perf_counter()
-    train_split, eval_split, id2label = load_scene_splits(args)
+    train_split, eval_split = load_scene_splits(args)
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    train, evaluation = scene_tensors(train_split, config), scene_tensors(eval_split, config)
+    train, evaluation = scene_tensors(train_split, config, "train"), scene_tensors(eval_split, config, "eval")
+    id2label = (scene_id2label() if args.dataset_name == SCENES
+                else dataset_id2label(args.dataset_name, train.labels, evaluation.labels))
+    for split, scenes in (("train", train), ("eval", evaluation)):
+        _refuse_unknown_labels(scenes, split, id2label)
     protocol = linear_protocol if args.protocol == "linear" else upernet_protocol
     with torch.random.fork_rng(devices=[]):
-        predictions = protocol(args, train, evaluation, len(id2label))
+        torch.manual_seed(args.seed)  # the heads' initialisation and any dropout or drop-path
+        predictions = protocol(args, config, train, evaluation, len(id2label))
     scores = score(predictions, evaluation.labels, id2label)
     level = args.probe_levels if args.protocol == "linear" else MULTI
     seconds = round(time.perf_counter() - started, 1)

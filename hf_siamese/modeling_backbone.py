@@ -42,7 +42,8 @@ class SiameseBackbone(BackboneMixin, SiamesePreTrainedModel):
 
     def __init__(self, config: SiameseConfig):
         super().__init__(config)
-        self.backbone = create_backbone(config)  # SiameseModel's attribute: the checkpoints' keys, unchanged
+        # SiameseModel's attribute (the checkpoints' keys, unchanged); dense heads feed images of any size
+        self.backbone = create_backbone(config, any_image_size=True)
         self.num_features = [info["num_chs"] for info in self.backbone.feature_info]
         if len(self.num_features) != len(self.stage_names):
             raise ValueError(f"The config's `stage_names` {self.stage_names} do not fit {config.backbone!r}, which "
@@ -92,13 +93,20 @@ def load_backbone_weights(head_model: nn.Module, model_dir: str | os.PathLike, *
         >>> num_loaded = load_backbone_weights(head, "outputs/demo")  # doctest: +SKIP
     """
     backbone = _the_siamese_backbone(head_model)
-    pretrained, info = SiameseBackbone.from_pretrained(model_dir, output_loading_info=True, **from_pretrained_kwargs)
-    _refuse_if_any(model_dir, missing=info["missing_keys"], unexpected=info["unexpected_keys"],
-                   shape_mismatch=info["mismatched_keys"])
-    weights = pretrained.state_dict()
-    _refuse_if_any(model_dir, **_unfitting_keys(backbone, weights))
+    weights = load_pretrained_backbone(model_dir, **from_pretrained_kwargs).state_dict()
+    _refuse_if_any(model_dir, "the head's backbone", " Build the head's `backbone_config` from that directory.",
+                   **_unfitting_keys(backbone, weights))
     backbone.load_state_dict(weights, strict=False)  # strict in effect: _unfitting_keys found nothing
     return len(weights.keys() & backbone.state_dict().keys())
+
+
+def load_pretrained_backbone(model_dir: str | os.PathLike, **from_pretrained_kwargs) -> SiameseBackbone:
+    """``SiameseBackbone.from_pretrained``, refusing (``ValueError`` naming the tensors) a directory whose weights
+    leave any tensor missing, unexpected or of another shape, where ``from_pretrained`` only warns."""
+    backbone, info = SiameseBackbone.from_pretrained(model_dir, output_loading_info=True, **from_pretrained_kwargs)
+    _refuse_if_any(model_dir, "its own config", "", missing=info["missing_keys"], unexpected=info["unexpected_keys"],
+                   shape_mismatch=info["mismatched_keys"])
+    return backbone
 
 
 def _the_siamese_backbone(head_model: nn.Module) -> SiameseBackbone:
@@ -127,11 +135,11 @@ def _unfitting_keys(backbone: SiameseBackbone, weights: dict[str, torch.Tensor])
     }
 
 
-def _refuse_if_any(model_dir, **problems) -> None:
+def _refuse_if_any(model_dir, does_not_fit: str, advice: str, **problems) -> None:
     described = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys))}" for kind, keys in problems.items() if keys]
     if described:
-        raise ValueError(f"The encoder of {os.fspath(model_dir)!r} does not fit the head's backbone ("
-                         + "; ".join(described) + "). Build the head's `backbone_config` from that directory.")
+        raise ValueError(f"The encoder of {os.fspath(model_dir)!r} does not fit {does_not_fit} ("
+                         + "; ".join(described) + ")." + advice)
 
 
-__all__ = ["SiameseBackbone", "load_backbone_weights"]
+__all__ = ["SiameseBackbone", "load_backbone_weights", "load_pretrained_backbone"]

@@ -65,6 +65,13 @@ def test_vit_blocks_are_maps_on_the_patch_grid():
         assert torch.allclose(backbone(pixels).feature_maps[-1].flatten(2).transpose(1, 2), tokens, atol=1e-6)
 
 
+def test_a_vit_backbone_takes_images_of_another_size_than_it_was_trained_at():
+    # Dense heads feed their own sizes: the position embedding is interpolated, the weights are the encoder's.
+    backbone = SiameseBackbone(tiny_config(backbone="vit_small_patch16_224", out_indices=[1]))
+    assert SiameseModel(backbone.config).state_dict().keys() >= backbone.state_dict().keys()
+    assert feature_shapes(backbone, 64) == [(48, 8, 8)] and feature_shapes(backbone, 40) == [(48, 5, 5)]
+
+
 def test_resnet_stage_maps_are_the_encoders_hidden_states_and_return_dict_as_resnet_backbone():
     backbone = AutoBackbone.from_config(tiny_config(out_features=["stage2", "stage4"])).eval()
     assert isinstance(backbone, SiameseBackbone)

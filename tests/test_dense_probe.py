@@ -3,15 +3,19 @@ end on a tiny encoder; the probe head, the level choice and the scores on their 
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset, Features, Image
 from huggingface_hub import ModelCard
 
 import run_dense_probe
 from hf_siamese import SiameseConfig, SiameseForPreTraining
+from hf_siamese import SiameseModel, dense_probe
 from hf_siamese.dense_probe import (
     DenseProbeArguments, LinearSegmentationHead, fit_linear_head, predict_linear, score, stage_names,
 )
+from hf_siamese.scenes import save_scenes
 
 TINY_SMALL_IMAGE_ENCODER = dict(backbone="resnet18", framework="byol", image_size=28, num_channels=1,
                                 small_image_stem=True, backbone_kwargs={"channels": [8, 16, 32, 64]},
@@ -91,3 +95,55 @@ def test_scores_are_the_mean_iou_metrics_in_percent():
     assert scores["per_class_iou"] == {"background": 100.0, "a": 50.0, "b": 66.67}
     assert scores["miou"] == pytest.approx(100 * (1 + 0.5 + 2 / 3) / 3, abs=0.01)
     assert scores["pixel_accuracy"] == 87.5
+
+
+def test_a_scenes_folder_is_probed_with_the_class_names_it_was_saved_with(model_dir, tmp_path):
+    save_scenes(tmp_path / "scenes", train_count=32, test_count=16, seed=0)
+    saved = probe(model_dir, "--dataset_name", str(tmp_path / "scenes"), "--pictures", "false")
+    miou = next(r for r in saved["results"] if r["metric"] == "mean_iou" and r["dataset"] == str(tmp_path / "scenes"))
+    assert list(miou["per_class_iou"])[:2] == ["background", "T-shirt/top"] and len(miou["per_class_iou"]) == 11
+
+
+def label_map_folder(folder, label_maps: list[np.ndarray]) -> str:
+    """A dataset of grey images with the given label maps, without id2label.json."""
+    rows = {"image": [np.full(label.shape, 100, np.uint8) for label in label_maps], "annotation": label_maps}
+    Dataset.from_dict(rows, features=Features({"image": Image(), "annotation": Image()})).to_parquet(
+        folder / "data" / "train-00000-of-00001.parquet")
+    return str(folder)
+
+
+def test_without_id2label_the_classes_are_the_labels_seen_in_either_split_and_255_is_ignored(model_dir, tmp_path):
+    generator = np.random.default_rng(0)
+    label_maps = [generator.integers(0, 3, (32, 32)).astype(np.uint8) for _ in range(24)]
+    label_maps[0][:4] = 255  # pixels to ignore: no class of their own
+    label_maps[-1][0, 0] = 3  # a class only the evaluation window holds
+    (tmp_path / "data").mkdir()
+    dataset = label_map_folder(tmp_path, label_maps)
+    results = dense_probe.run_dense_probe(DenseProbeArguments(
+        model_name_or_path=str(model_dir), dataset_name=dataset, train_split="train[:16]", eval_split="train[16:]",
+        num_train_epochs=1, per_device_train_batch_size=8, output_dir=str(tmp_path / "out"), pictures=False))
+    assert list(results[0]["per_class_iou"]) == ["0", "1", "2", "3"]
+
+
+def test_overlapping_windows_mixed_sizes_and_weights_that_do_not_fit_are_refused(model_dir, tmp_path):
+    def run(**fields):
+        dense_probe.run_dense_probe(DenseProbeArguments(model_name_or_path=str(model_dir), num_train_scenes=8,
+                                            num_eval_scenes=8, output_dir=str(tmp_path / "out"), **fields))
+
+    with pytest.raises(ValueError, match=r"'train' and eval_split 'train\[50000:\]' share images"):
+        run(train_split="train", eval_split="train[50000:]")
+    with pytest.raises(ValueError, match="share images"):
+        run(dataset_name="any", train_split="train[:60%]", eval_split="train[50%:]")
+    (tmp_path / "data").mkdir()
+    label_maps = [np.zeros((32, 32), np.uint8)] * 3 + [np.zeros((40, 32), np.uint8)]
+    with pytest.raises(ValueError, match=r"eval image of row 1 is 32x40, the first image 32x32"):
+        run(dataset_name=label_map_folder(tmp_path, label_maps), train_split="train[:2]", eval_split="train[2:]")
+    shallow = tmp_path / "shallow"  # one block per stage; its config claims two: from_pretrained only warns
+    shallow_kwargs = {"channels": [8, 16, 32, 64], "layers": [1, 1, 1, 1]}
+    SiameseModel(SiameseConfig(**{**TINY_SMALL_IMAGE_ENCODER, "backbone_kwargs": shallow_kwargs})).save_pretrained(
+        shallow)
+    (shallow / "config.json").write_text(json.dumps({**json.loads((shallow / "config.json").read_text()),
+                                                     "backbone_kwargs": TINY_SMALL_IMAGE_ENCODER["backbone_kwargs"]}))
+    with pytest.raises(ValueError, match=r"does not fit its own config \(missing: backbone\.layer1\.1\."):
+        dense_probe.run_dense_probe(DenseProbeArguments(model_name_or_path=str(shallow), num_train_scenes=8,
+                                                        num_eval_scenes=8, output_dir=str(tmp_path / "out2")))

@@ -39,13 +39,14 @@ def test_the_report_pairs_ladder_byol_with_byol_by_seed():
     assert "supervised" not in table
 
 
-def test_the_sweep_skips_recorded_probes_but_not_those_of_another_budget(monkeypatch, tmp_path):
+def test_the_sweep_skips_recorded_probes_but_not_those_of_another_budget_or_other_scenes(monkeypatch, tmp_path):
     args = argparse.Namespace(seeds="0", encoders="random_init,moco_baseline", upernet=True, linear_epochs=20,
                               linear_learning_rate=3e-2, upernet_epochs=3, upernet_learning_rate=1e-3, steps=500,
                               work_dir=tmp_path, results=tmp_path / "dense.jsonl", keep_encoders=True,
                               validation=False, train_scenes=2, eval_scenes=2, scenes_seed=0)
     recorded = [{"encoder": encoder, "steps": steps, "seed": 0, "protocol": protocol, "level": level,
-                 "learning_rate": dense.learning_rate(protocol, args), "probe_epochs": dense.epochs(protocol, args)}
+                 "learning_rate": dense.learning_rate(protocol, args), "probe_epochs": dense.epochs(protocol, args),
+                 **dense.settings(args)}
                 for encoder, steps in (("random_init", 0), ("moco_baseline", 500))
                 for protocol, level in dense.probes(args)]
     probed = []
@@ -56,6 +57,9 @@ def test_the_sweep_skips_recorded_probes_but_not_those_of_another_budget(monkeyp
     args.steps = 1600  # the untrained floor stays recorded; MoCo at 1,600 steps is a new encoder
     assert dense.sweep(recorded, args) == []
     assert probed == [("moco_baseline-seed0-steps1600", protocol, level) for protocol, level in dense.probes(args)]
+    probed.clear()
+    args.steps, args.eval_scenes = 500, 3  # other evaluation scenes: every probe again
+    assert dense.sweep(recorded, args) == [] and len(probed) == 2 * len(dense.probes(args))
 
 
 def test_the_plot_draws_encoders_that_miss_some_probes(tmp_path):
