@@ -138,7 +138,8 @@ def dataset_id2label(dataset_name: str, *label_maps: torch.Tensor) -> dict[int, 
     names = _id2label_file(dataset_name)
     if names is not None:
         return {int(index): name for index, name in names.items()}
-    seen = max(int(maps[maps != IGNORE_INDEX].max()) for maps in label_maps if (maps != IGNORE_INDEX).any())
+    seen = max((int(maps[maps != IGNORE_INDEX].max()) for maps in label_maps if (maps != IGNORE_INDEX).any()),
+               default=0)
     logger.info("%s has no id2label.json: classes 0..%d named by their numbers", dataset_name, seen)
     return {index: str(index) for index in range(seen + 1)}
 
@@ -155,7 +156,7 @@ def _id2label_file(dataset_name: str) -> dict | None:
         return None
 
 
-def _refuse_unknown_labels(scenes: "Scenes", split: str, id2label: dict[int, str]) -> None:
+def _refuse_unknown_labels(scenes: Scenes, split: str, id2label: dict[int, str]) -> None:
     unknown = sorted(set(scenes.labels.unique().tolist()) - set(id2label) - {IGNORE_INDEX})
     if unknown:
         raise ValueError(f"The {split} label maps hold label(s) {unknown[:10]} that id2label ({len(id2label)} "
