@@ -136,7 +136,8 @@ def _unfitting_keys(backbone: SiameseBackbone, weights: dict[str, torch.Tensor])
 
 
 def _refuse_if_any(model_dir, does_not_fit: str, advice: str, **problems) -> None:
-    described = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys))}" for kind, keys in problems.items() if keys]
+    described = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys)))}"
+                 for kind, keys in problems.items() if keys]
     if described:
         raise ValueError(f"The encoder of {os.fspath(model_dir)!r} does not fit {does_not_fit} ("
                          + "; ".join(described) + ")." + advice)
