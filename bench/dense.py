@@ -41,7 +41,7 @@ from bench import designs  # noqa: E402
 from bench import fashion_mnist as track  # noqa: E402
 from hf_siamese import SiameseForImageClassification, SiameseModel  # noqa: E402
 from hf_siamese.cli import parse_pretraining_args  # noqa: E402
-from hf_siamese.dense_probe import DenseProbeArguments, run_dense_probe  # noqa: E402
+from hf_siamese.dense_probe import DEFAULT_LEARNING_RATES, DenseProbeArguments, run_dense_probe  # noqa: E402
 from hf_siamese.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 ENCODERS = ("random_init", "supervised", "byol", "ladder_byol", "moco_baseline")
@@ -298,10 +298,10 @@ def main() -> None:
                              "encoders (default results file: dense_validation.jsonl).")
     parser.add_argument("--keep_encoders", action="store_true", help="Keep the trained encoders in --work_dir.")
     parser.add_argument("--linear_epochs", type=int, default=20)
-    parser.add_argument("--linear_learning_rate", type=float, default=3e-2)  # the validation grid's best (docs)
+    parser.add_argument("--linear_learning_rate", type=float, default=DEFAULT_LEARNING_RATES["linear"])
     parser.add_argument("--upernet", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--upernet_epochs", type=int, default=3)
-    parser.add_argument("--upernet_learning_rate", type=float, default=1e-3)  # the validation grid's best (docs)
+    parser.add_argument("--upernet_learning_rate", type=float, default=DEFAULT_LEARNING_RATES["upernet"])
     parser.add_argument("--upernet_hidden_size", type=int, default=64)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs/bench_dense")
     parser.add_argument("--results", type=Path)

@@ -41,6 +41,7 @@ from .views import channel_stats
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("linear", "upernet")
+DEFAULT_LEARNING_RATES = {"linear": 3e-2, "upernet": 1e-3}  # the validation grid's best (docs/benchmarks.md)
 SCENES = "fashion_mnist_scenes"  # generated here, seeded: training scenes from training images only
 IGNORE_INDEX = 255
 MULTI = "multi"
@@ -73,7 +74,10 @@ class DenseProbeArguments:
     )
     num_train_epochs: int = field(default=20, metadata={"help": "Epochs over the training scenes."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (default: the protocol's, chosen on validation scenes: "
+                                        "linear 3e-2, upernet 1e-3)."}
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     upernet_hidden_size: int = field(default=128, metadata={"help": "upernet: the decode head's width."})
     seed: int = field(default=0, metadata={"help": "Seed of the head's init and the batch order."})
@@ -85,6 +89,8 @@ class DenseProbeArguments:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {self.protocol!r}.")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.protocol]
         for name in ("num_train_epochs", "per_device_train_batch_size", "num_train_scenes", "num_eval_scenes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
@@ -353,7 +359,7 @@ def run_dense_probe(args: DenseProbeArguments) -> list[dict]:
     seconds = round(time.perf_counter() - started, 1)
     common = {"protocol": f"dense_{args.protocol}", "level": level, "dataset": args.dataset_name,
               "split": args.eval_split, "num_train": len(train.labels), "num_eval": len(evaluation.labels),
-              "epochs": args.num_train_epochs, "seconds": seconds}
+              "epochs": args.num_train_epochs, "learning_rate": args.learning_rate, "seconds": seconds}
     results = [{"metric": "mean_iou", "value": scores["miou"] / 100, "per_class_iou": scores["per_class_iou"],
                 **common},
                {"metric": "pixel_accuracy", "value": scores["pixel_accuracy"] / 100, **common}]

@@ -43,6 +43,7 @@ def test_the_linear_probe_writes_miou_per_class_and_a_picture_into_the_card(mode
     assert 0 <= miou["value"] <= 1 and 0 < accuracy["value"] <= 1
     assert (miou["level"], miou["num_train"], miou["num_eval"], miou["dataset"]) == ("multi", 48, 16,
                                                                                        "fashion_mnist_scenes")
+    assert miou["learning_rate"] == 3e-2  # the linear protocol's default
     assert set(miou["per_class_iou"]) == {"background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
     assert saved["dense_pictures"]["examples"] == "dense_examples.png" and (model_dir / "dense_examples.png").is_file()
@@ -71,6 +72,12 @@ def test_probe_levels_name_the_encoders_stages():
         stage_names("deep", stages)
     with pytest.raises(ValueError, match="`protocol` must be one of"):
         DenseProbeArguments(model_name_or_path="x", protocol="mask2former")
+
+
+def test_each_protocol_has_its_own_default_learning_rate_and_a_given_one_wins():
+    assert DenseProbeArguments(model_name_or_path="x").learning_rate == 3e-2
+    assert DenseProbeArguments(model_name_or_path="x", protocol="upernet").learning_rate == 1e-3
+    assert DenseProbeArguments(model_name_or_path="x", protocol="upernet", learning_rate=0.1).learning_rate == 0.1
 
 
 def test_the_linear_head_learns_labels_that_its_features_hold():
