@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""`make demo`: pretrain the demo recipe on Fashion-MNIST, probe it (kNN and linear), print where the model is.
+"""`make demo`: pretrain the demo recipe on Fashion-MNIST, probe it (kNN, linear, dense), print where the model is.
 
     python scripts/demo.py [--config configs/demo_fashion_mnist.yaml] [--probe_epochs 90] [any run_pretraining field]
 
 The probe is `run_linear_probe.py`'s default (cached protocol): kNN (k = 20, 200) with the 60k training images as
-the bank, and a linear classifier trained on their features, both scored on the 10k test images.
+the bank, and a linear classifier trained on their features, both scored on the 10k test images. The dense probe is
+`run_dense_probe.py`'s frozen linear segmentation probe on every stage (`--probe_levels multi`), on scenes of
+training items, scored on scenes of test items.
 """
 
 import argparse
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import hf_siamese  # noqa: F401  (registers the Auto classes)
 from hf_siamese.cli import parse_pretraining_args
+from hf_siamese.dense_probe import DenseProbeArguments, run_dense_probe
 from hf_siamese.linear_probe import ProbeArguments, format_results, run_linear_probe, summarise
 from hf_siamese.accelerator import native_mixed_precision
 from hf_siamese.monitoring import median_images_per_second
@@ -55,12 +58,17 @@ def main() -> None:
         disable_tqdm=True, dataloader_num_workers=2, mixed_precision="bf16" if native_bf16 else "no",
     ))
     probe_seconds = time.time() - started
+    dense = run_dense_probe(DenseProbeArguments(model_name_or_path=result.output_dir, probe_levels="multi"))
+    dense_scores = {record["metric"]: record for record in dense}
     run = json.loads(Path(result.output_dir, "training_run.json").read_text())
     summary = {
         "demo": "fashion_mnist", "framework": config.framework, "backbone": config.backbone,
         "steps": result.global_step, "epochs": _rounded(run["epochs"]), "mixed_precision": run["mixed_precision"],
         "images_per_s": median_images_per_second(Path(result.output_dir)),
         "pretrain_seconds": round(pretrain_seconds, 1), "probe_seconds": round(probe_seconds, 1), **summarise(results),
+        "dense_miou": dense_scores["mean_iou"]["value"],
+        "dense_pixel_accuracy": dense_scores["pixel_accuracy"]["value"],
+        "dense_probe_seconds": dense_scores["mean_iou"]["seconds"],
         "model_dir": str(Path(result.output_dir).resolve()),
     }
     Path(result.output_dir, "demo_results.json").write_text(json.dumps(summary, indent=2))
@@ -71,6 +79,9 @@ def main() -> None:
           f"{summary['images_per_s']} images/s ({summary['mixed_precision']}); probed in {probe_seconds / 60:.1f} min.")
     print(f"Linear-probe top-1 on the Fashion-MNIST test set: {summary['linear_top1']:.2%}, kNN (k=20) "
           f"{summary['knn20_top1']:.2%} (chance 10%).")
+    print(f"Dense transfer, frozen linear probe on every stage: {summary['dense_miou']:.2%} mIoU over 11 classes "
+          f"(background included) on Fashion-MNIST scenes of test items, in {summary['dense_probe_seconds'] / 60:.1f} "
+          f"min; scenes, truth and prediction: {summary['model_dir']}/dense_examples.png.")
     print(f"Hub-ready model (weights, config, modeling code, image processor, eval_results.json): {summary['model_dir']}")
     pictures = json.loads(Path(result.output_dir, "eval_results.json").read_text()).get("pictures")
     if pictures:
