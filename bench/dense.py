@@ -264,7 +264,7 @@ def plot(records: list[dict], path: Path) -> Path:
                       label=f"{encoder}, {steps} steps ({_seeds(max(map(len, values)))})")
     axes.set_xticks(range(len(columns)), [f"{protocol} {level}" for protocol, level, _ in columns])
     evaluated_on = ", ".join(sorted({record.get("eval_split", "test") for record in records}))
-    axes.set_ylabel(f"mIoU (%), scenes of {evaluated_on}, mean ± std over seeds")
+    axes.set_ylabel(f"mIoU (%), {evaluated_on} scenes, mean ± std over seeds")
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
