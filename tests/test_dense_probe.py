@@ -10,8 +10,7 @@ from datasets import Dataset, Features, Image
 from huggingface_hub import ModelCard
 
 import run_dense_probe
-from hf_siamese import SiameseConfig, SiameseForPreTraining
-from hf_siamese import SiameseModel, dense_probe
+from hf_siamese import SiameseConfig, SiameseForPreTraining, SiameseModel, dense_probe
 from hf_siamese.dense_probe import (
     DenseProbeArguments, LinearSegmentationHead, fit_linear_head, predict_linear, score, stage_names,
 )
@@ -114,6 +113,7 @@ def test_a_scenes_folder_is_probed_with_the_class_names_it_was_saved_with(model_
 def label_map_folder(folder, label_maps: list[np.ndarray]) -> str:
     """A dataset of grey images with the given label maps, without id2label.json."""
     rows = {"image": [np.full(label.shape, 100, np.uint8) for label in label_maps], "annotation": label_maps}
+    (folder / "data").mkdir()
     Dataset.from_dict(rows, features=Features({"image": Image(), "annotation": Image()})).to_parquet(
         folder / "data" / "train-00000-of-00001.parquet")
     return str(folder)
@@ -124,7 +124,6 @@ def test_without_id2label_the_classes_are_the_labels_seen_in_either_split_and_25
     label_maps = [generator.integers(0, 3, (32, 32)).astype(np.uint8) for _ in range(24)]
     label_maps[0][:4] = 255  # pixels to ignore: no class of their own
     label_maps[-1][0, 0] = 3  # a class only the evaluation window holds
-    (tmp_path / "data").mkdir()
     dataset = label_map_folder(tmp_path, label_maps)
     results = dense_probe.run_dense_probe(DenseProbeArguments(
         model_name_or_path=str(model_dir), dataset_name=dataset, train_split="train[:16]", eval_split="train[16:]",
@@ -141,7 +140,6 @@ def test_overlapping_windows_mixed_sizes_and_weights_that_do_not_fit_are_refused
         run(train_split="train", eval_split="train[50000:]")
     with pytest.raises(ValueError, match="share images"):
         run(dataset_name="any", train_split="train[:60%]", eval_split="train[50%:]")
-    (tmp_path / "data").mkdir()
     label_maps = [np.zeros((32, 32), np.uint8)] * 3 + [np.zeros((40, 32), np.uint8)]
     with pytest.raises(ValueError, match=r"eval image of row 1 is 32x40, the first image 32x32"):
         run(dataset_name=label_map_folder(tmp_path, label_maps), train_split="train[:2]", eval_split="train[2:]")
