@@ -104,7 +104,7 @@ def load_pretrained_backbone(model_dir: str | os.PathLike, **from_pretrained_kwa
     """``SiameseBackbone.from_pretrained``, refusing (``ValueError`` naming the tensors) a directory whose weights
     leave any tensor missing, unexpected or of another shape, where ``from_pretrained`` only warns."""
     backbone, info = SiameseBackbone.from_pretrained(model_dir, output_loading_info=True, **from_pretrained_kwargs)
-    _refuse_if_any(model_dir, "its own config", "", missing=info["missing_keys"], unexpected=info["unexpected_keys"],
+    _refuse_if_any(model_dir, "its own config", missing=info["missing_keys"], unexpected=info["unexpected_keys"],
                    shape_mismatch=info["mismatched_keys"])
     return backbone
 
@@ -135,7 +135,7 @@ def _unfitting_keys(backbone: SiameseBackbone, weights: dict[str, torch.Tensor])
     }
 
 
-def _refuse_if_any(model_dir, does_not_fit: str, advice: str, **problems) -> None:
+def _refuse_if_any(model_dir, does_not_fit: str, advice: str = "", **problems) -> None:
     described = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys)))}"
                  for kind, keys in problems.items() if keys]
     if described:
