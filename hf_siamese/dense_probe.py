@@ -330,13 +330,13 @@ def upernet_protocol(args: DenseProbeArguments, config, train: Scenes, evaluatio
 
 
 def score(predictions: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str]) -> dict:
-    """mIoU over every class (background included), per-class IoU and pixel accuracy, in percent."""
+    """mIoU over every class (background included), per-class IoU and pixel accuracy, as fractions."""
     scores = load_metric("mean_iou").compute(predictions=list(predictions.numpy()), references=list(labels.numpy()),
                                              num_labels=len(id2label), ignore_index=IGNORE_INDEX)
-    per_class = {id2label[index]: None if np.isnan(value) else round(100 * float(value), 2)
+    per_class = {id2label[index]: None if np.isnan(value) else float(value)
                  for index, value in enumerate(scores["per_category_iou"])}
-    return {"miou": round(100 * float(scores["mean_iou"]), 2),
-            "pixel_accuracy": round(100 * float(scores["overall_accuracy"]), 2), "per_class_iou": per_class}
+    return {"miou": float(scores["mean_iou"]), "pixel_accuracy": float(scores["overall_accuracy"]),
+            "per_class_iou": per_class}
 
 
 def run_dense_probe(args: DenseProbeArguments) -> list[dict]:
@@ -360,16 +360,15 @@ def run_dense_probe(args: DenseProbeArguments) -> list[dict]:
     common = {"protocol": f"dense_{args.protocol}", "level": level, "dataset": args.dataset_name,
               "split": args.eval_split, "num_train": len(train.labels), "num_eval": len(evaluation.labels),
               "epochs": args.num_train_epochs, "learning_rate": args.learning_rate, "seconds": seconds}
-    results = [{"metric": "mean_iou", "value": scores["miou"] / 100, "per_class_iou": scores["per_class_iou"],
-                **common},
-               {"metric": "pixel_accuracy", "value": scores["pixel_accuracy"] / 100, **common}]
+    results = [{"metric": "mean_iou", "value": scores["miou"], "per_class_iou": scores["per_class_iou"], **common},
+               {"metric": "pixel_accuracy", "value": scores["pixel_accuracy"], **common}]
     pictures = None
     if args.pictures:
         pictures = write_dense_examples(output_dir, evaluation.images[:4], evaluation.labels[:4], predictions[:4],
                                         id2label, title=f"{args.protocol} probe, level {level}")
     write_eval_results(args.model_name_or_path, output_dir, results, {"dense_pictures": pictures})
     logger.info("Dense probe (%s, level %s): mIoU %.2f%%, pixel accuracy %.2f%% in %.0f s", args.protocol, level,
-                scores["miou"], scores["pixel_accuracy"], seconds)
+                100 * scores["miou"], 100 * scores["pixel_accuracy"], seconds)
     return results
 
 

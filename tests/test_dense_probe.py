@@ -93,14 +93,14 @@ def test_the_linear_head_learns_labels_that_its_features_hold():
     assert (predictions == labels).float().mean() > 0.95
 
 
-def test_scores_are_the_mean_iou_metrics_in_percent():
+def test_scores_are_the_mean_iou_metrics_as_unrounded_fractions():
     labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 2, 2]]])
     predictions = torch.tensor([[[0, 0, 1, 2], [0, 0, 2, 2]]])
     scores = score(predictions, labels, {0: "background", 1: "a", 2: "b"})
     # IoU: background 4/4, a 1/2, b 2/3; pixel accuracy 7/8.
-    assert scores["per_class_iou"] == {"background": 100.0, "a": 50.0, "b": 66.67}
-    assert scores["miou"] == pytest.approx(100 * (1 + 0.5 + 2 / 3) / 3, abs=0.01)
-    assert scores["pixel_accuracy"] == 87.5
+    assert scores["per_class_iou"] == pytest.approx({"background": 1.0, "a": 0.5, "b": 2 / 3}, rel=1e-9)
+    assert scores["miou"] == pytest.approx((1 + 0.5 + 2 / 3) / 3, rel=1e-9)
+    assert scores["pixel_accuracy"] == 0.875
 
 
 def test_a_scenes_folder_is_probed_with_the_class_names_it_was_saved_with(model_dir, tmp_path):
