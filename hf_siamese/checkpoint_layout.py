@@ -8,6 +8,8 @@ saved weights for ``trust_remote_code``).
 
 import re
 
+from .configuration_siamese import stages_after_stem
+
 _PER_LEVEL = {"ladder_projectors": "projector", "ladder_predictors": "predictor",
               "target_ladder_projectors": "target_projector", "dense_projectors": "dense_projector",
               "dense_predictors": "dense_predictor", "target_dense_projectors": "target_dense_projector"}
@@ -17,7 +19,7 @@ def unnumbered_level(config) -> int:
     """The last loss level of ``config``'s model, whose heads were the unnumbered ones: its backbone's stage count."""
     if config.ladder_levels:
         return list(config.ladder_levels)[-1]
-    return sum(not name.startswith("stem") for name in config.stage_names)
+    return len(stages_after_stem(config.stage_names))
 
 
 def legacy_key_mapping(last: int) -> dict[str, str]:

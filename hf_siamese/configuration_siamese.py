@@ -310,6 +310,11 @@ def backbone_stage_names(config) -> list[str]:
     return list(_STAGE_NAMES[key])
 
 
+def stages_after_stem(stage_names: list[str]) -> list[str]:
+    """The stages past the stem(s) (``stem`` or ``stem1``, ``stem2``...): the levels a loss or a probe can use."""
+    return [name for name in stage_names if not name.startswith("stem")]
+
+
 def _read_stage_names(architecture: SimpleNamespace) -> list[str]:
     import torch  # deferred, as timm in _require_backbone
 
@@ -337,4 +342,4 @@ def _require_backbone(name: str) -> None:
         )
 
 
-__all__ = ["FRAMEWORKS", "FRAMEWORK_DEFAULTS", "SiameseConfig", "backbone_stage_names"]
+__all__ = ["FRAMEWORKS", "FRAMEWORK_DEFAULTS", "SiameseConfig", "backbone_stage_names", "stages_after_stem"]

@@ -31,6 +31,7 @@ from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentati
 
 import datasets
 
+from .configuration_siamese import stages_after_stem
 from .eval_results import results_dir, write_eval_results
 from .metrics import load_metric
 from .modeling_backbone import SiameseBackbone, load_backbone_weights, load_pretrained_backbone
@@ -197,7 +198,7 @@ def _refuse_other_sizes(images: list, label_maps: list, split: str) -> None:
 
 def stage_names(spec: str, backbone_stages: list[str]) -> list[str]:
     """``probe_levels`` as backbone stage names: 'last', 'multi' (all after the stem) or 1-based stage indices."""
-    stages = [name for name in backbone_stages if name != "stem"]
+    stages = stages_after_stem(backbone_stages)
     if spec == "last":
         return stages[-1:]
     if spec == MULTI:

@@ -67,6 +67,7 @@ def test_probe_levels_name_the_encoders_stages():
     assert stage_names("2,4", stages) == ["stage2", "stage4"]
     with pytest.raises(ValueError, match=r"stages are 1\.\.4"):
         stage_names("5", stages)
+    assert stage_names("1", ["stem1", "stem2", "block1", "block2"]) == ["block1"]  # a backbone with two stems
     with pytest.raises(ValueError, match="`probe_levels` must be"):
         stage_names("deep", stages)
     with pytest.raises(ValueError, match="`protocol` must be one of"):
