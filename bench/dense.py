@@ -202,7 +202,8 @@ def append(path: Path, record: dict) -> None:
 
 # (encoder, baseline) pairs the report gives paired by seed: the ladder's claim, self-supervised against supervised
 # (the classic comparison) and against the untrained floor
-PAIRS = (("ladder_byol", "byol"), ("byol", "supervised"), ("ladder_byol", "supervised"), ("byol", "random_init"))
+PAIRS = (("ladder_byol", "byol"), ("byol", "supervised"), ("ladder_byol", "supervised"),
+         ("moco_baseline", "supervised"), ("byol", "random_init"))
 
 
 def miou_by_probe(records: list[dict]) -> tuple[dict[tuple, dict[int, float]], list[tuple], list[tuple]]:
