@@ -132,8 +132,8 @@ def probe(directory: Path, seed: int, protocol: str, level: str, args: argparse.
     scores = {record["metric"]: record for record in results}
     return {"miou": round(100 * scores["mean_iou"]["value"], 2),
             "pixel_accuracy": round(100 * scores["pixel_accuracy"]["value"], 2),
-            "per_class_iou": percentages(scores["mean_iou"]["per_class_iou"]), "probe_seconds": scores["mean_iou"]["seconds"],
-            "probe_epochs": scores["mean_iou"]["epochs"]}
+            "per_class_iou": percentages(scores["mean_iou"]["per_class_iou"]),
+            "probe_seconds": scores["mean_iou"]["seconds"], "probe_epochs": scores["mean_iou"]["epochs"]}
 
 
 def percentages(per_class_iou: dict[str, float | None]) -> dict[str, float | None]:
