@@ -130,15 +130,15 @@ def probe(directory: Path, seed: int, protocol: str, level: str, args: argparse.
         upernet_hidden_size=args.upernet_hidden_size, output_dir=str(directory / "dense"), pictures=False,
     ))
     scores = {record["metric"]: record for record in results}
-    return {"miou": round(100 * scores["mean_iou"]["value"], 2),
-            "pixel_accuracy": round(100 * scores["pixel_accuracy"]["value"], 2),
-            "per_class_iou": percentages(scores["mean_iou"]["per_class_iou"]),
+    return {"miou": percent(scores["mean_iou"]["value"]),
+            "pixel_accuracy": percent(scores["pixel_accuracy"]["value"]),
+            "per_class_iou": {name: percent(iou) for name, iou in scores["mean_iou"]["per_class_iou"].items()},
             "probe_seconds": scores["mean_iou"]["seconds"], "probe_epochs": scores["mean_iou"]["epochs"]}
 
 
-def percentages(per_class_iou: dict[str, float | None]) -> dict[str, float | None]:
-    """The records' per-class IoU in percent, like their mIoU."""
-    return {name: None if value is None else round(100 * value, 2) for name, value in per_class_iou.items()}
+def percent(fraction: float | None) -> float | None:
+    """A probe's fraction as the records' percent, to two decimals (None: a class absent from the scenes)."""
+    return None if fraction is None else round(100 * fraction, 2)
 
 
 def epochs(protocol: str, args: argparse.Namespace) -> int:
